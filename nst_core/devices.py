@@ -1,0 +1,72 @@
+"""Which device to run on, and how to set it up for speed."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from .errors import DeviceError
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """auto → CUDA, then Apple MPS, then CPU; a named device that is absent is a DeviceError."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device {name}: CUDA is not available on this machine (use --device cpu or auto)")
+        dev = torch.device(name)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceError(f"device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return dev
+    if name == "mps":
+        if not _mps_available():
+            raise DeviceError("device mps: Apple MPS is not available on this machine (use --device cpu or auto)")
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def configure(device: torch.device) -> None:
+    """TF32 and cuDNN autotuning on CUDA; on the CPU as many threads as this process may use."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    elif device.type == "cpu":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        if cores and torch.get_num_threads() != cores:
+            torch.set_num_threads(cores)
+
+
+def memory_format(device: torch.device) -> torch.memory_format:
+    """channels-last on CUDA (faster convolutions with cuDNN), contiguous elsewhere."""
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
+def autocast(device: torch.device, precision: str):
+    """Reduced precision for the network's forward pass; only on CUDA, where it keeps the result."""
+    if device.type != "cuda" or precision == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=getattr(torch, precision))
+
+
+def describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    if device.type == "cpu":
+        return f"cpu ({torch.get_num_threads()} threads)"
+    return str(device)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def _mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
