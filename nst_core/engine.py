@@ -1,0 +1,400 @@
+"""The one stylisation function, and the Session that keeps its networks and style targets warm."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import color, devices, losses
+from .errors import Cancelled, ImageError, OutOfMemory, ParamError
+from .images import Picture, load_image
+from .params import INITS, StyleParams
+from .vgg import VGGFeatures
+
+RANDOM_WEIGHTS_NOTE = (
+    "made with random (untrained) VGG-19 weights: the pipeline ran, but this is not an artistic result"
+)
+
+
+@dataclass
+class Progress:
+    """One step of a stylisation, as handed to the progress callback."""
+
+    step: int
+    total: int
+    level: int
+    levels: int
+    losses: dict
+    elapsed: float
+    eta: float | None
+    _render: Callable[[int | None], Picture] = field(repr=False, default=None)
+
+    def image(self, max_side: int | None = None) -> Picture:
+        """The current result (colour preserved, alpha put back); valid only during the callback."""
+        return self._render(max_side)
+
+    def to_mapping(self) -> dict:
+        return {k: getattr(self, k) for k in ("step", "total", "level", "levels", "losses", "elapsed", "eta")}
+
+
+@dataclass
+class Result:
+    picture: Picture
+    params: StyleParams
+    losses: dict
+    elapsed: float
+    device: str
+    weights_label: str
+    weights_note: str | None = None
+
+
+class Session:
+    """Loaded networks and computed style targets, kept for the next job (one per device)."""
+
+    def __init__(self, max_networks: int = 2, max_targets: int = 32):
+        self._lock = threading.Lock()
+        self._networks: OrderedDict = OrderedDict()
+        self._targets: OrderedDict = OrderedDict()
+        self.max_networks = max_networks
+        self.max_targets = max_targets
+        self.target_hits = 0
+        self.target_misses = 0
+
+    def network(self, params: StyleParams, device: torch.device) -> VGGFeatures:
+        from .weights import load_network
+
+        last = params.used_layers[-1]
+        key = (params.weights, params.pooling, params.normalize_network, str(device), last)
+        with self._lock:
+            net = self._networks.get(key)
+            if net is not None:
+                self._networks.move_to_end(key)
+                return net
+        net = load_network(params.weights, pooling=params.pooling, normalize=params.normalize_network,
+                           last=last, device=device, progress=True)
+        net = net.to(memory_format=devices.memory_format(device))
+        with self._lock:
+            self._networks[key] = net
+            while len(self._networks) > self.max_networks:
+                self._networks.popitem(last=False)
+        return net
+
+    def style_target(self, key: tuple, compute: Callable[[], dict]) -> dict:
+        with self._lock:
+            hit = self._targets.get(key)
+            if hit is not None:
+                self._targets.move_to_end(key)
+                self.target_hits += 1
+                return hit
+        value = compute()
+        with self._lock:
+            self.target_misses += 1
+            self._targets[key] = value
+            while len(self._targets) > self.max_targets:
+                self._targets.popitem(last=False)
+        return value
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {
+                "networks": [f"{k[0]} {k[1]} pooling, up to {k[4]} on {k[3]}" for k in self._networks],
+                "style_targets": len(self._targets),
+                "style_target_hits": self.target_hits,
+                "style_target_misses": self.target_misses,
+            }
+
+
+_default_session = Session()
+
+
+def stylize(
+    content: Picture | str | Path,
+    styles: Sequence[Picture | str | Path],
+    params: StyleParams,
+    progress: Callable[[Progress], None] | None = None,
+    cancel: threading.Event | Callable[[], bool] | None = None,
+    session: Session | None = None,
+) -> Result:
+    """Stylise `content` with `styles` under `params` (Gatys et al. 2016, with the 2017 controls).
+
+    `progress` is called after every optimiser step; setting `cancel` (an Event, or a callable
+    returning True) makes this raise `Cancelled` within one step. Raises `NSTError`s for bad
+    input, missing weights, absent devices and GPU out-of-memory.
+    """
+    started = time.perf_counter()
+    session = session or _default_session
+    is_cancelled = _cancel_check(cancel)
+    content = content if isinstance(content, Picture) else load_image(content)
+    styles = [s if isinstance(s, Picture) else load_image(s) for s in styles]
+    blend = _blend_weights(params, len(styles))
+    init_picture = _init_picture(params)
+
+    device = devices.pick_device(params.device)
+    devices.configure(device)
+    try:
+        net = session.network(params, device)
+        run = _Run(params, net, device, content, styles, blend, init_picture, session, is_cancelled, progress, started)
+        x = run.optimise()
+        picture = run.render(x, None)
+    except torch.OutOfMemoryError as e:
+        raise OutOfMemory(_oom_message(params, device)) from e
+    except RuntimeError as e:
+        if devices.is_out_of_memory(e):
+            raise OutOfMemory(_oom_message(params, device)) from e
+        raise
+    return Result(
+        picture=picture,
+        params=params,
+        losses=run.last_losses,
+        elapsed=time.perf_counter() - started,
+        device=devices.describe(device),
+        weights_label=getattr(net, "weights_label", params.weights),
+        weights_note=RANDOM_WEIGHTS_NOTE if getattr(net, "is_random", False) else None,
+    )
+
+
+class _Run:
+    """The state of one stylisation across its coarse-to-fine levels."""
+
+    def __init__(self, params, net, device, content, styles, blend, init_picture, session, is_cancelled,
+                 progress, started):
+        self.p = params
+        self.net = net
+        self.device = device
+        self.content = content
+        self.styles = styles
+        self.blend = blend
+        self.init_picture = init_picture
+        self.session = session
+        self.is_cancelled = is_cancelled
+        self.progress = progress
+        self.started = started
+        self.fmt = devices.memory_format(device)
+        self.out_h, self.out_w = fit(content.height, content.width, params.size)
+        self.levels = params.level_sizes()
+        self.total = sum(n for _, n in self.levels)
+        self.content_layers = {k: w for k, w in params.content_layers.items() if w > 0} if params.content_weight > 0 else {}
+        self.style_layers = {k: w for k, w in params.style_layers.items() if w > 0} if params.style_weight > 0 else {}
+        self.last_losses = {"total": 0.0, "content": 0.0, "style": 0.0, "tv": 0.0}
+        self.step = 0
+        self.level_rate: list[float] = []
+
+    # ---- images at a level ----------------------------------------------------------------------
+
+    def _content_at(self, h, w) -> torch.Tensor:
+        return resize(self.content.rgb, h, w).to(self.device)
+
+    def _seen(self, rgb: torch.Tensor) -> torch.Tensor:
+        """What the network sees of an RGB image: the luminance only in luminance mode."""
+        if self.p.preserve_color == "luminance":
+            return color.as_grey_rgb(color.luminance(rgb))
+        return rgb
+
+    def _style_seen(self, style: Picture, content_rgb: torch.Tensor, side: int) -> torch.Tensor:
+        sh, sw = fit(style.height, style.width, max(16, round(side * self.p.style_scale)))
+        s = resize(style.rgb, sh, sw).to(self.device)
+        if self.p.preserve_color == "histogram":
+            s = color.match_histogram(s, content_rgb)
+        elif self.p.preserve_color == "luminance":
+            y = color.match_luminance(color.luminance(s), color.luminance(content_rgb))
+            s = color.as_grey_rgb(y)
+        return s
+
+    def _features(self, image: torch.Tensor, layers) -> dict:
+        with devices.autocast(self.device, self.p.precision):
+            return self.net(image.unsqueeze(0).contiguous(memory_format=self.fmt), layers)
+
+    def _style_targets(self, content_rgb: torch.Tensor, side: int) -> dict:
+        """Blended per-position Gram matrices A^l/M of all style images, from the session cache."""
+        blended: dict[str, torch.Tensor] = {}
+        for style, b in zip(self.styles, self.blend):
+            s = self._style_seen(style, content_rgb, side)
+            digest = hashlib.blake2b(s.detach().cpu().numpy().tobytes(), digest_size=16).hexdigest()
+            key = (digest, tuple(s.shape), self.p.weights, self.p.pooling, self.p.normalize_network, str(self.device),
+                   tuple(sorted(self.style_layers)), self.p.precision)
+
+            def compute(s=s):
+                with torch.no_grad():
+                    feats = self._features(s, self.style_layers)
+                return {n: losses.gram(f) / (f.shape[-1] * f.shape[-2]) for n, f in feats.items()}
+
+            grams = self.session.style_target(key, compute)
+            for n, g in grams.items():
+                blended[n] = blended.get(n, 0) + b * g
+        return blended
+
+    def _initial(self, h, w) -> torch.Tensor:
+        init = self.p.init
+        if init == "noise":
+            gen = torch.Generator().manual_seed(self.p.seed)
+            x = torch.rand(3, h, w, generator=gen)
+        elif init == "content":
+            x = resize(self.content.rgb, h, w)
+        elif init == "style":
+            x = resize(self.styles[0].rgb, h, w) if self.styles else resize(self.content.rgb, h, w)
+        else:
+            x = resize(self.init_picture.rgb, h, w)
+        x = x.to(self.device)
+        if self.p.preserve_color == "luminance" and init != "noise":
+            x = self._seen(x)
+        return x
+
+    # ---- optimisation ---------------------------------------------------------------------------
+
+    def optimise(self) -> torch.Tensor:
+        x = None
+        for li, (side, iters) in enumerate(self.levels):
+            h, w = fit(self.content.height, self.content.width, side)
+            if li == len(self.levels) - 1:
+                h, w = self.out_h, self.out_w
+            content_rgb = self._content_at(h, w)
+            self.level_content = content_rgb
+            x = self._initial(h, w) if x is None else resize(x.detach(), h, w)
+            x = self._level(x, content_rgb, side, iters, li)
+        return x.detach()
+
+    def _level(self, x, content_rgb, side, iters, li) -> torch.Tensor:
+        p = self.p
+        with torch.no_grad():
+            content_targets = (
+                {n: f.detach() for n, f in self._features(self._seen(content_rgb), self.content_layers).items()}
+                if self.content_layers else {}
+            )
+        style_targets = self._style_targets(content_rgb, side) if self.style_layers else {}
+        layers = set(self.content_layers) | set(self.style_layers)
+        x = x.clone().requires_grad_(True)
+        if p.optimizer == "lbfgs":
+            # One iteration per step() keeps the history across steps and lets us report and cancel
+            # after each loss evaluation.
+            opt = torch.optim.LBFGS([x], lr=p.step_size, max_iter=1, history_size=100)
+        else:
+            opt = torch.optim.Adam([x], lr=p.step_size)
+        terms = {}
+
+        def closure():
+            opt.zero_grad(set_to_none=True)
+            feats = self._features(x, layers) if layers else {}
+            c = sum((w * losses.content_loss(feats[n], content_targets[n]) for n, w in self.content_layers.items()),
+                    x.new_zeros(()))
+            s = sum((w * losses.style_layer_loss(feats[n], style_targets[n]) for n, w in self.style_layers.items()),
+                    x.new_zeros(()))
+            t = losses.tv_loss(x) if p.tv_weight > 0 else x.new_zeros(())
+            total = p.content_weight * c + p.style_weight * s + p.tv_weight * t
+            total.backward()
+            terms.update(total=total.detach(), content=c.detach(), style=s.detach(), tv=t.detach())
+            return total
+
+        level_start = time.perf_counter()
+        for i in range(iters):
+            if self.is_cancelled():
+                raise Cancelled("cancelled")
+            opt.step(closure)
+            if p.optimizer == "adam":
+                with torch.no_grad():
+                    x.clamp_(0, 1)
+            self.step += 1
+            self.last_losses = {k: float(v) for k, v in terms.items()}
+            if self.progress is not None:
+                rate = (time.perf_counter() - level_start) / (i + 1)
+                self.progress(Progress(
+                    step=self.step, total=self.total, level=li + 1, levels=len(self.levels),
+                    losses=dict(self.last_losses), elapsed=time.perf_counter() - self.started,
+                    eta=self._eta(li, iters - i - 1, rate, side),
+                    _render=lambda max_side, x=x: self.render(x.detach(), max_side),
+                ))
+        if self.is_cancelled():
+            raise Cancelled("cancelled")
+        return x
+
+    def _eta(self, li, left_here, rate, side) -> float:
+        """Seconds left: this level's pace, scaled by pixel count for the finer levels."""
+        later = sum(n * (s / side) ** 2 for s, n in self.levels[li + 1:])
+        return rate * (left_here + later)
+
+    # ---- output ---------------------------------------------------------------------------------
+
+    def render(self, x: torch.Tensor, max_side: int | None) -> Picture:
+        """x as a Picture at the output size (or at most `max_side`), colour and alpha restored."""
+        x = x.detach().float()
+        h, w = self.out_h, self.out_w
+        if tuple(x.shape[-2:]) != (h, w):
+            x = resize(x, h, w)
+        if self.p.preserve_color == "luminance":
+            x = color.combine_luminance(x[:1], resize(self.content.rgb, h, w).to(x.device))
+        x = x.clamp(0, 1).cpu()
+        alpha = self.content.alpha
+        if alpha is not None and tuple(alpha.shape) != (h, w):
+            alpha = resize_alpha(alpha, h, w, 65535 if self.content.bit_depth == 16 else 255)
+        pic = Picture(x, alpha, self.content.bit_depth, self.content.source)
+        if max_side is not None and max(h, w) > max_side:
+            ph, pw = fit(h, w, max_side)
+            a = None if alpha is None else resize_alpha(alpha, ph, pw, 65535 if pic.bit_depth == 16 else 255)
+            pic = Picture(resize(x, ph, pw).clamp(0, 1), a, pic.bit_depth, pic.source)
+        return pic
+
+
+# ---- helpers --------------------------------------------------------------------------------------
+
+def fit(h: int, w: int, side: int) -> tuple[int, int]:
+    """(height, width) with the longest side `side`, keeping the aspect ratio."""
+    scale = side / max(h, w)
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
+def resize(rgb: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Antialiased bicubic resize of a C×H×W tensor (unchanged when the size already matches)."""
+    if tuple(rgb.shape[-2:]) == (h, w):
+        return rgb
+    return F.interpolate(rgb.unsqueeze(0).float(), size=(h, w), mode="bicubic", align_corners=False,
+                         antialias=True).squeeze(0).clamp(0, 1)
+
+
+def resize_alpha(alpha: torch.Tensor, h: int, w: int, maxval: int) -> torch.Tensor:
+    """Resize an integer alpha plane (exact when the size is unchanged)."""
+    if tuple(alpha.shape) == (h, w):
+        return alpha
+    a = F.interpolate(alpha[None, None].float() / maxval, size=(h, w), mode="bilinear", align_corners=False,
+                      antialias=True)[0, 0]
+    return (a.clamp(0, 1) * maxval).round().to(torch.int32)
+
+
+def _blend_weights(params: StyleParams, n_styles: int) -> list[float]:
+    if n_styles == 0:
+        if params.style_weight > 0:
+            raise ParamError("styles", "at least one style image is needed unless style_weight is 0")
+        return []
+    if params.style_blend is None:
+        return [1.0 / n_styles] * n_styles
+    if len(params.style_blend) != n_styles:
+        raise ParamError("style_blend", f"has {len(params.style_blend)} weights for {n_styles} style images")
+    total = sum(params.style_blend)
+    return [b / total for b in params.style_blend]
+
+
+def _init_picture(params: StyleParams) -> Picture | None:
+    if params.init in INITS:
+        return None
+    if not Path(params.init).exists():
+        raise ImageError(params.init, f"init must be one of {', '.join(INITS)} or an image file; no such file")
+    return load_image(params.init)
+
+
+def _cancel_check(cancel) -> Callable[[], bool]:
+    if cancel is None:
+        return lambda: False
+    if isinstance(cancel, threading.Event):
+        return cancel.is_set
+    return cancel
+
+
+def _oom_message(params: StyleParams, device: torch.device) -> str:
+    return (f"out of memory on {device} at size {params.size}: use a smaller size, "
+            f"precision bfloat16, or --device cpu")
