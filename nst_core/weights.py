@@ -1,0 +1,478 @@
+"""VGG-19 weights: ImageNet (found or fetched, hash-checked), a state dict file, or seeded random.
+
+`load_network` is the one entry point. Where things live:
+
+- ImageNet weights (torchvision's ``IMAGENET1K_V1``, ``vgg19-dcbb9e9d.pth``) are looked for in
+  this order: ``weights`` as a path → ``$NST_WEIGHTS`` → the torch hub cache
+  (``torch.hub.get_dir()/checkpoints``) → a download into that cache. ``$NST_WEIGHTS_URL``
+  replaces the download URL (mirrors, tests). As in torch hub, the cached file is named after the
+  URL's last path component, and the hex digits after its last ``-`` are the expected prefix of
+  the file's SHA-256; so a mirror or test serving another file names its own hash, and never
+  lands under torchvision's name. Files found via a path or ``$NST_WEIGHTS`` are the user's
+  choice: they are checked for structure, not hash.
+- Our own cache (``$NST_CACHE_DIR``, else ``$XDG_CACHE_HOME/nst``, else ``~/.cache/nst``) holds
+  ``sha256.json``, the SHA-256 of files already hashed keyed by (path, size, mtime_ns), so a
+  548 MB file is hashed once, not at every start (a change that keeps both size and mtime goes
+  unnoticed: this guards against damage, not tampering), and ``scales/``, the normalisation
+  scales per weights file, pooling and calibration set.
+
+Normalisation (the paper's normalised network, always applied to random weights): every filter
+is rescaled so that its mean ReLU activation over the calibration images and positions is 1, and
+the next convolution's input weights are scaled inversely, so every layer computes the same
+features as before up to a positive per-channel factor (ReLU and both poolings commute with it).
+Dead filters (mean 0, or below 1e-4 of their mean |pre-activation|) keep scale 1. Scales are computed once on the full
+network (relu5_4), with the requested pooling, and cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+import zipfile
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from .errors import ParamError, WeightsError
+from .params import POOLINGS, VGG19_LAYERS
+from .vgg import VGGFeatures, conv_names, state_dict_key
+
+IMAGENET_FILE = "vgg19-dcbb9e9d.pth"
+CALIBRATION_SIZE = 224
+DOWNLOAD_TIMEOUT = 30.0  # seconds without data before a download counts as failed
+RANDOM_INIT = "kaiming-normal-v1"  # part of the scales cache key for random weights
+DEAD_RATIO = 1e-4  # see compute_scales
+
+_HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.[^-]*$")
+_ALL_CONVS = conv_names("relu5_4")
+
+
+# ---- the entry point ----------------------------------------------------------------------------
+
+def load_network(weights: str, *, pooling: str = "avg", normalize: bool = False, last: str = "relu5_4",
+                 device: torch.device | str = "cpu", progress: bool | Callable = False) -> VGGFeatures:
+    """VGG-19 up to `last` on `device`, eval mode, frozen; `weights`: imagenet, random[:SEED] or a path.
+
+    The result has ``weights_label`` (for people and result notes), ``is_random`` and
+    ``normalized``. `progress` applies to a download: True draws a bar on stderr, a callable gets
+    ``(bytes_done, bytes_total_or_None)``.
+    """
+    if pooling not in POOLINGS:
+        raise ParamError("pooling", f"must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+    if last not in VGG19_LAYERS:
+        raise ParamError("last", f"unknown VGG-19 layer {last!r}")
+    weights = os.fspath(weights)
+    device = torch.device(device)
+    seed = _random_seed(weights)
+    if seed is not None:
+        state = random_state_dict(seed)
+        normalize = True
+        key = f"random-{seed}-{RANDOM_INIT}"
+        name, details = "random", [f"seed {seed}"]
+    else:
+        path, name, details = _locate(weights, progress)
+        state = read_state_dict(path)
+        key = file_sha256(path) if normalize else ""
+    if normalize:
+        state = apply_scales(state, normalization_scales(state, pooling, key, device))
+        details.append("normalised")
+    net = VGGFeatures(pooling, last)
+    net.load_state_dict({k: state[k] for k in net.state_dict()})
+    del state  # the convolutions beyond `last` go here
+    net.weights_label = name + (f" ({', '.join(details)})" if details else "")
+    net.is_random = seed is not None
+    net.normalized = normalize
+    return net.to(device).eval().requires_grad_(False)
+
+
+def _random_seed(weights: str) -> int | None:
+    if weights == "random":
+        return 0
+    if weights.startswith("random:"):
+        text = weights[len("random:"):]
+        if not text.isdigit() or int(text) >= 2**63:
+            raise WeightsError(f"weights {weights!r}: random:SEED needs a whole number 0 … 2^63-1")
+        return int(text)
+    return None
+
+
+# ---- finding files ------------------------------------------------------------------------------
+
+def cache_dir() -> Path:
+    """Neural Style's cache: $NST_CACHE_DIR, else $XDG_CACHE_HOME/nst, else ~/.cache/nst."""
+    if os.environ.get("NST_CACHE_DIR"):
+        return Path(os.environ["NST_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "nst"
+
+
+def imagenet_url() -> str:
+    """$NST_WEIGHTS_URL, or torchvision's URL for VGG-19 IMAGENET1K_V1."""
+    url = os.environ.get("NST_WEIGHTS_URL")
+    if url:
+        return url
+    from torchvision.models import VGG19_Weights
+
+    return VGG19_Weights.IMAGENET1K_V1.url
+
+
+def imagenet_file_name(url: str | None = None) -> tuple[str, str]:
+    """(file name, expected SHA-256 prefix) from the URL, torch hub's convention."""
+    url = url or imagenet_url()
+    name = os.path.basename(urllib.parse.unquote(urllib.parse.urlparse(url).path))
+    m = _HASH_IN_NAME.search(name)
+    if not m:
+        raise WeightsError(
+            f"download URL {url} must name a file like vgg19-<first 8+ hex digits of its SHA-256>.pth "
+            f"(torch hub's convention), so that it can be verified"
+        )
+    return name, m.group(1)
+
+
+def hub_cache_path(url: str | None = None) -> Path:
+    """Where the ImageNet file is looked for and downloaded to: torch hub's checkpoints folder."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / imagenet_file_name(url)[0]
+
+
+def _locate(weights: str, progress) -> tuple[Path, str, list[str]]:
+    """(file to load, label, label details) for a path or imagenet; downloads where needed."""
+    if weights != "imagenet":
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise WeightsError(f"{path}: no such weights file (weights are imagenet, random, random:SEED or a path)")
+        return path, str(path), []
+    env = os.environ.get("NST_WEIGHTS")
+    if env:
+        path = Path(env).expanduser()
+        if not path.is_file():
+            raise WeightsError(f"NST_WEIGHTS={env}: no such file")
+        return path, str(path), []
+    url = imagenet_url()
+    name, expected = imagenet_file_name(url)
+    path = hub_cache_path(url)
+    if path.is_file():
+        actual = file_sha256(path)
+        if not actual.startswith(expected):
+            raise WeightsError(
+                f"{path}: SHA-256 {actual[:16]}… does not start with {expected}, so the file is damaged or "
+                f"not the expected weights. Delete it to have it downloaded again from {url}."
+            )
+        return path, "imagenet", [name]
+    try:
+        download(url, path, expected, progress)
+    except WeightsError as e:
+        raise WeightsError(_where_to_get(url, path, e.message)) from None
+    except (OSError, ValueError) as e:  # URLError, HTTPError, timeouts are OSErrors
+        raise WeightsError(_where_to_get(url, path, f"download failed: {e}")) from None
+    return path, "imagenet", [name]
+
+
+def _where_to_get(url: str, path: Path, reason: str) -> str:
+    return (
+        f"ImageNet VGG-19 weights are not available: {reason}\n"
+        f"Fetch {path.name} from {url}\n"
+        f"and put it at {path}, or anywhere and pass --weights PATH or set NST_WEIGHTS=PATH."
+    )
+
+
+def download(url: str, dest: Path, sha256_prefix: str, progress: bool | Callable = False) -> None:
+    """Fetch `url` into `dest` through a temp file in the same folder, renamed only once verified."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".partial")
+    digest = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as r:
+            length = r.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+            report = _progress_reporter(progress, dest.name, total)
+            done = 0
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+                digest.update(chunk)
+                done += len(chunk)
+                report(done)
+            report(done, final=True)
+        if total is not None and done != total:
+            raise WeightsError(f"download incomplete ({done} of {total} bytes)")
+        actual = digest.hexdigest()
+        if not actual.startswith(sha256_prefix):
+            raise WeightsError(
+                f"the downloaded file's SHA-256 {actual[:16]}… does not start with {sha256_prefix}; nothing was kept"
+            )
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _remember_sha256(dest, actual)
+
+
+def _progress_reporter(progress, name: str, total: int | None):
+    if callable(progress):
+        return lambda done, final=False: progress(done, total)
+    if not progress:
+        return lambda done, final=False: None
+    last = [0.0]
+
+    def bar(done: int, final: bool = False) -> None:
+        now = time.monotonic()
+        if not final and now - last[0] < 0.2:
+            return
+        last[0] = now
+        if total:
+            line = f"\rDownloading {name}: {done / 1e6:.0f}/{total / 1e6:.0f} MB ({100 * done // total}%)"
+        else:
+            line = f"\rDownloading {name}: {done / 1e6:.0f} MB"
+        sys.stderr.write(line + ("\n" if final else ""))
+        sys.stderr.flush()
+
+    return bar
+
+
+# ---- hashing, remembered ------------------------------------------------------------------------
+
+def file_sha256(path: Path) -> str:
+    """The file's SHA-256, remembered in the cache by (path, size, mtime_ns)."""
+    path = Path(path).resolve()
+    st = path.stat()
+    memo = _read_memo()
+    hit = memo.get(str(path))
+    if hit and hit.get("size") == st.st_size and hit.get("mtime_ns") == st.st_mtime_ns:
+        return hit["sha256"]
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    _remember_sha256(path, digest.hexdigest(), st)
+    return digest.hexdigest()
+
+
+def _memo_path() -> Path:
+    return cache_dir() / "sha256.json"
+
+
+def _read_memo() -> dict:
+    try:
+        data = json.loads(_memo_path().read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _remember_sha256(path: Path, sha256: str, st: os.stat_result | None = None) -> None:
+    path = Path(path).resolve()
+    st = st or path.stat()
+    memo = _read_memo()
+    memo[str(path)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256}
+    try:
+        _atomic_write(_memo_path(), json.dumps(memo, indent=1).encode())
+    except OSError:
+        pass  # a read-only cache only costs a rehash next time
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---- state dicts --------------------------------------------------------------------------------
+
+def _expected_shapes() -> dict[str, tuple[int, ...]]:
+    shapes, cin = {}, 3
+    for name in _ALL_CONVS:
+        cout = {1: 64, 2: 128, 3: 256, 4: 512, 5: 512}[int(name[4])]
+        shapes[f"{state_dict_key(name)}.weight"] = (cout, cin, 3, 3)
+        shapes[f"{state_dict_key(name)}.bias"] = (cout,)
+        cin = cout
+    return shapes
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The 16 convolutions' tensors from a VGG-19 state dict file, keyed ``features.N.weight|bias``.
+
+    Accepts torchvision's full state dict (the classifier and anything else is dropped at once), a
+    features-only one, and keys without the ``features.`` prefix. Zip-format files are memory-mapped,
+    so a classifier in them is never read.
+    """
+    path = Path(path)
+    try:
+        mmap = zipfile.is_zipfile(path)
+        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # torch raises many kinds for damaged or foreign files
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise WeightsError(f"{path}: not a readable PyTorch state dict ({reason})") from None
+    if not isinstance(loaded, Mapping):
+        raise WeightsError(f"{path}: holds a {type(loaded).__name__}, not a state dict")
+    out: dict[str, torch.Tensor] = {}
+    for key, shape in _expected_shapes().items():
+        t = loaded.get(key)
+        if t is None:
+            t = loaded.get(key[len("features."):])
+        if t is None:
+            raise WeightsError(f"{path}: not a VGG-19 state dict: missing {key}")
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise WeightsError(f"{path}: {key} is not a floating-point tensor")
+        if tuple(t.shape) != shape:
+            raise WeightsError(f"{path}: {key} has shape {tuple(t.shape)}, VGG-19 needs {shape}")
+        t = t.to(dtype=torch.float32, copy=True)
+        if not torch.isfinite(t).all():
+            raise WeightsError(f"{path}: {key} holds NaN or infinite values")
+        out[key] = t
+    del loaded
+    return out
+
+
+def random_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    """All 16 convolutions Kaiming-normal (fan in, ReLU gain), zero bias; same seed → same tensors."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, shape in _expected_shapes().items():
+        if key.endswith(".weight"):
+            fan_in = shape[1] * shape[2] * shape[3]
+            out[key] = torch.randn(shape, generator=g) * math.sqrt(2.0 / fan_in)
+        else:
+            out[key] = torch.zeros(shape)
+    return out
+
+
+# ---- normalisation ------------------------------------------------------------------------------
+
+def calibration_images() -> torch.Tensor:
+    """N×3×224×224 in [0, 1]: the sample images (or the synthetic fallback) and their mirror images."""
+    images = _sample_images() or _synthetic_images()
+    batch = torch.stack(images)
+    return torch.cat([batch, batch.flip(-1)])
+
+
+def _sample_images() -> list[torch.Tensor]:
+    try:
+        from .samples import SAMPLES_DIR
+    except ImportError:
+        return []
+    from PIL import Image
+
+    files = sorted(p for p in Path(SAMPLES_DIR).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp"))
+    out = []
+    for p in files:
+        with Image.open(p) as im:
+            im = im.convert("RGB")
+            s = CALIBRATION_SIZE / min(im.size)
+            w, h = max(CALIBRATION_SIZE, round(im.width * s)), max(CALIBRATION_SIZE, round(im.height * s))
+            im = im.resize((w, h), Image.BICUBIC)
+            left, top = (w - CALIBRATION_SIZE) // 2, (h - CALIBRATION_SIZE) // 2
+            im = im.crop((left, top, left + CALIBRATION_SIZE, top + CALIBRATION_SIZE))
+            data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+        out.append(data.view(CALIBRATION_SIZE, CALIBRATION_SIZE, 3).permute(2, 0, 1).float() / 255.0)
+    return out
+
+
+def _synthetic_images() -> list[torch.Tensor]:
+    """The fallback calibration set: three colour fractal-noise images (seed 0), coarse to fine."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for base in (2, 6, 20):
+        acc = torch.zeros(1, 3, CALIBRATION_SIZE, CALIBRATION_SIZE)
+        for octave in range(4):
+            n = base * 2**octave
+            noise = torch.randn(1, 3, n, n, generator=g)
+            acc += 0.5**octave * F.interpolate(noise, size=CALIBRATION_SIZE, mode="bicubic", align_corners=False)
+        lo, hi = acc.amin(), acc.amax()
+        out.append(((acc - lo) / (hi - lo))[0])
+    return out
+
+
+def normalization_scales(state: Mapping[str, torch.Tensor], pooling: str, key: str,
+                         device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Per-filter scale (1 / mean ReLU activation) for all 16 convolutions, cached under `key`."""
+    images = calibration_images()
+    calib = hashlib.sha256(images.numpy().tobytes()).hexdigest()[:16]
+    path = cache_dir() / "scales" / f"{key[:40]}-{pooling}-{calib}.pt"
+    cached = _read_scales(path)
+    if cached is not None:
+        return cached
+    scales = compute_scales(state, pooling, images, device)
+    try:
+        buf = io.BytesIO()
+        torch.save({"key": key, "pooling": pooling, "calibration": calib, "scales": scales}, buf)
+        _atomic_write(path, buf.getvalue())
+    except OSError:
+        pass  # unwritable cache: recomputed next time
+    return scales
+
+
+def _read_scales(path: Path) -> dict[str, torch.Tensor] | None:
+    if not path.is_file():
+        return None
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        scales = {n: data["scales"][n].float() for n in _ALL_CONVS}
+    except Exception:
+        return None  # damaged cache entry: recompute and overwrite
+    shapes = _expected_shapes()
+    if any(tuple(scales[n].shape) != shapes[f"{state_dict_key(n)}.bias"] for n in _ALL_CONVS):
+        return None
+    return scales
+
+
+@torch.no_grad()
+def compute_scales(state: Mapping[str, torch.Tensor], pooling: str, images: torch.Tensor,
+                   device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """1 / (mean over images and positions of each filter's ReLU output), layer by layer.
+
+    Measured on the network as given: once the next layer is compensated (`apply_scales`), each
+    layer's input after rescaling the earlier layers differs only by known per-channel factors, so
+    its means taken after that rescaling are exactly these means times its own scale, i.e. 1.
+    (Nearly) dead filters, whose mean ReLU output is at most `DEAD_RATIO` of their mean |output|
+    before the ReLU, keep scale 1: their mean is rounding noise, and 1/mean would blow them up.
+    """
+    net = VGGFeatures(pooling, "relu5_4")
+    net.load_state_dict({k: state[k] for k in net.state_dict()})
+    net.to(device)
+    x = (images.to(device) - net.mean) / net.std
+    scales, conv, magnitude = {}, None, None
+    for name, layer in zip(net.names, net.features):
+        x = layer(x)
+        if name.startswith("conv"):
+            conv, magnitude = name, _channel_mean(x.abs())
+        elif name.startswith("relu"):
+            mean = _channel_mean(x)
+            alive = mean > DEAD_RATIO * magnitude
+            scales[conv] = torch.where(alive, 1.0 / mean.clamp_min(1e-300), torch.ones_like(mean)).float()
+    return scales
+
+
+def _channel_mean(x: torch.Tensor) -> torch.Tensor:
+    return (x.sum(dim=(0, 2, 3), dtype=torch.float64) / (x.shape[0] * x.shape[2] * x.shape[3])).cpu()
+
+
+def apply_scales(state: Mapping[str, torch.Tensor], scales: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Scale each filter's output by its scale and the next convolution's inputs by the inverse."""
+    out = dict(state)
+    prev = None
+    for name in _ALL_CONVS:
+        s = scales[name]
+        w, b = f"{state_dict_key(name)}.weight", f"{state_dict_key(name)}.bias"
+        factor = s.view(-1, 1, 1, 1)
+        if prev is not None:
+            factor = factor / prev.view(1, -1, 1, 1)
+        out[w] = state[w] * factor
+        out[b] = state[b] * s
+        prev = s
+    return out
