@@ -1,0 +1,425 @@
+"""nst_core.images: loading, saving, pixel transport and resizing, on real files."""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+from nst_core.errors import ImageError
+from nst_core.images import (
+    MAX_PIXELS,
+    Picture,
+    check_output_path,
+    load_image,
+    picture_from_pixels,
+    picture_to_pixels,
+    resize_picture,
+    save_image,
+)
+
+SHARED_IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "images"
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+
+def png_bytes(width, height, bit_depth, color_type, rows: bytes | None = None, extra=b"") -> bytes:
+    """A PNG written byte by byte (filter 0 on every row), independent of the code under test."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
+    idat = chunk(b"IDAT", zlib.compress(rows)) if rows is not None else b""
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + extra + idat + chunk(b"IEND", b"")
+
+
+def write_png16(path, samples: np.ndarray) -> None:
+    """samples: H×W×C uint16 with C = 1 (grey), 2 (grey+alpha), 3 (RGB) or 4 (RGBA)."""
+    h, w, c = samples.shape
+    rows = b"".join(b"\0" + samples[y].astype(">u2").tobytes() for y in range(h))
+    path.write_bytes(png_bytes(w, h, 16, {1: 0, 2: 4, 3: 2, 4: 6}[c], rows))
+
+
+def rgb16(picture: Picture) -> np.ndarray:
+    return (picture.rgb * 65535).round().to(torch.int64).permute(1, 2, 0).numpy()
+
+
+def noise(h, w, c, bits, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 2**bits, (h, w, c), dtype=np.uint16 if bits == 16 else np.uint8)
+
+
+def pixels_of(a: np.ndarray) -> bytes:
+    return a.astype("<u2").tobytes() if a.dtype == np.uint16 else a.tobytes()
+
+
+# ---- loading ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied_like_pillow(tmp_path, orientation):
+    a = noise(5, 8, 4, 8, seed=orientation)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "o.png"
+    Image.fromarray(a, "RGBA").save(path, exif=exif)
+
+    pic = load_image(path)
+    with Image.open(path) as im:
+        want = np.asarray(ImageOps.exif_transpose(im))
+    assert (pic.height, pic.width) == want.shape[:2]
+    assert (pic.height, pic.width) == ((8, 5) if orientation >= 5 else (5, 8))
+    assert np.array_equal((pic.rgb * 255).round().to(torch.uint8).permute(1, 2, 0).numpy(), want[..., :3])
+    assert np.array_equal(pic.alpha.numpy(), want[..., 3])
+
+
+def test_exif_rotation_of_a_jpeg(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown portrait
+    a = np.zeros((40, 60, 3), np.uint8)
+    a[:, :10] = 255  # a white band on the left of the stored image
+    Image.fromarray(a).save(tmp_path / "r.jpg", exif=exif, quality=95)
+    pic = load_image(tmp_path / "r.jpg")
+    assert (pic.width, pic.height) == (40, 60)
+    assert pic.rgb[:, :10].mean() > 0.9 and pic.rgb[:, 15:].mean() < 0.1  # the band is now on top
+    assert pic.info["exif_orientation"] == 6
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 4])
+def test_16bit_png_values_are_not_truncated(tmp_path, channels):
+    a = noise(6, 7, channels, 16, seed=channels)
+    write_png16(tmp_path / "x.png", a)
+    pic = load_image(tmp_path / "x.png")
+    assert pic.bit_depth == 16
+    grey = channels <= 2
+    want_rgb = np.repeat(a[..., :1], 3, -1) if grey else a[..., :3]
+    assert np.array_equal(rgb16(pic), want_rgb)
+    assert (rgb16(pic) % 256).any()  # low bytes are there
+    if channels in (2, 4):
+        assert np.array_equal(pic.alpha.numpy(), a[..., -1])
+        assert pic.alpha.dtype == torch.int32
+    else:
+        assert pic.alpha is None
+
+
+@pytest.mark.parametrize("ext", ["png", "tif"])
+@pytest.mark.parametrize("channels", [3, 4])
+def test_16bit_save_load_round_trip_is_bit_exact(tmp_path, ext, channels):
+    a = noise(33, 41, channels, 16, seed=3)
+    pic = picture_from_pixels(pixels_of(a), 41, 33, channels, 16)
+    save_image(pic, tmp_path / f"x.{ext}")
+    back = load_image(tmp_path / f"x.{ext}")
+    assert back.bit_depth == 16
+    assert picture_to_pixels(back, channels, 16) == pixels_of(a)
+
+
+def test_16bit_png_is_a_standard_16bit_file(tmp_path):
+    # a smooth image exercises all of PNG's row filters; Pillow's own (8-bit) reading must agree
+    y, x = np.mgrid[0:64, 0:80]
+    a = np.stack([x * 800, y * 1000, (x * y * 13) % 65536, 65535 - x * 500], -1).astype(np.uint16)
+    save_image(picture_from_pixels(pixels_of(a), 80, 64, 4, 16), tmp_path / "s.png")
+    raw = (tmp_path / "s.png").read_bytes()
+    assert raw[24] == 16 and raw[25] == 6  # IHDR: 16 bits, RGBA
+    with Image.open(tmp_path / "s.png") as im:
+        assert np.array_equal(np.asarray(im), (a >> 8).astype(np.uint8))
+    assert picture_to_pixels(load_image(tmp_path / "s.png"), 4, 16) == pixels_of(a)
+
+
+def test_8bit_alpha_round_trip_is_bit_exact(tmp_path):
+    a = noise(17, 23, 4, 8, seed=5)
+    for ext in ("png", "tif", "webp"):
+        save_image(picture_from_pixels(a.tobytes(), 23, 17, 4, 8), tmp_path / f"a.{ext}")
+        back = load_image(tmp_path / f"a.{ext}")
+        assert back.bit_depth == 8 and back.alpha is not None
+        assert np.array_equal(back.alpha.numpy(), a[..., 3]), ext
+        if ext != "webp":  # WEBP colour is lossy
+            assert picture_to_pixels(back, 4, 8) == a.tobytes(), ext
+
+
+def test_greyscale_palette_cmyk_and_float_are_accepted(tmp_path):
+    g = noise(4, 5, 1, 8)[..., 0]
+    Image.fromarray(g, "L").save(tmp_path / "l.png")
+    pic = load_image(tmp_path / "l.png")
+    assert pic.alpha is None and torch.equal(pic.rgb[0], pic.rgb[2])
+    assert np.array_equal((pic.rgb[1] * 255).round().byte().numpy(), g)
+
+    Image.fromarray(np.stack([g, 255 - g], -1), "LA").save(tmp_path / "la.png")
+    assert np.array_equal(load_image(tmp_path / "la.png").alpha.numpy(), 255 - g)
+
+    Image.fromarray(g.astype(np.uint16) * 257 + 1).save(tmp_path / "i16.png")
+    pic = load_image(tmp_path / "i16.png")
+    assert pic.bit_depth == 16 and np.array_equal(rgb16(pic)[..., 0], g.astype(np.int64) * 257 + 1)
+
+    pal = Image.new("P", (3, 2))
+    pal.putpalette([255, 0, 0, 0, 255, 0, 0, 0, 255])
+    pal.putdata([0, 1, 2, 2, 1, 0])
+    pal.save(tmp_path / "p.png")
+    pal.save(tmp_path / "pt.png", transparency=1)
+    pal.save(tmp_path / "pt.gif", transparency=1)
+    assert load_image(tmp_path / "p.png").alpha is None
+    for name in ("pt.png", "pt.gif"):
+        pic = load_image(tmp_path / name)
+        assert pic.alpha.tolist() == [[255, 0, 255], [255, 0, 255]], name
+        assert pic.rgb[:, 0, 0].tolist() == [1.0, 0.0, 0.0]
+
+    cmyk = Image.new("CMYK", (4, 4), (0, 255, 255, 0))  # red
+    cmyk.save(tmp_path / "c.jpg", quality=100)
+    cmyk.save(tmp_path / "c.tif")
+    for name in ("c.jpg", "c.tif"):
+        pic = load_image(tmp_path / name)
+        assert pic.rgb.shape == (3, 4, 4) and pic.info["mode"] == "CMYK"
+        r, g_, b = pic.rgb.mean(dim=(1, 2)).tolist()
+        assert r > 0.9 and g_ < 0.1 and b < 0.1, name
+
+    Image.fromarray(np.array([[0.0, 0.25], [1.0, 2.0]], np.float32), "F").save(tmp_path / "f.tif")
+    pic = load_image(tmp_path / "f.tif")
+    assert pic.bit_depth == 16 and pic.rgb[0].flatten().tolist() == pytest.approx([0, 0.25, 1, 1], abs=1e-4)
+
+
+def test_rgb_colour_key_transparency_becomes_alpha(tmp_path):
+    a = np.array([[[10, 20, 30], [1, 2, 3]]], np.uint8)
+    Image.fromarray(a).save(tmp_path / "k.png", transparency=(1, 2, 3))
+    assert load_image(tmp_path / "k.png").alpha.tolist() == [[255, 0]]
+
+
+def test_real_photo_from_shared_images():
+    path = SHARED_IMAGES / "tubingen.jpg"
+    if not path.is_file():
+        pytest.skip(f"{path} is not there")
+    pic = load_image(path)
+    with Image.open(path) as im:
+        size = ImageOps.exif_transpose(im).size
+    assert (pic.width, pic.height) == size
+    assert pic.rgb.dtype == torch.float32 and 0 <= pic.rgb.min() and pic.rgb.max() <= 1
+    assert pic.rgb.std() > 0.05 and pic.bit_depth == 8 and pic.source == str(path)
+
+
+# ---- bad inputs ---------------------------------------------------------------------------------
+
+def assert_image_error(path, *words):
+    with pytest.raises(ImageError) as e:
+        load_image(path)
+    msg = str(e.value)
+    assert str(path) in msg and e.value.path == str(path)
+    for w in words:
+        assert w in msg, msg
+    return msg
+
+
+def test_missing_empty_folder_and_not_an_image(tmp_path):
+    assert_image_error(tmp_path / "nope.png", "no such file")
+    (tmp_path / "empty.png").write_bytes(b"")
+    assert_image_error(tmp_path / "empty.png", "empty")
+    assert_image_error(tmp_path, "folder")
+    (tmp_path / "notes.png").write_text("this is not an image\n")
+    assert_image_error(tmp_path / "notes.png", "not an image")
+    (tmp_path / "file").write_text("x")
+    assert_image_error(tmp_path / "file" / "inside.png", "not a folder")
+    os.mkfifo(tmp_path / "pipe.png")
+    assert_image_error(tmp_path / "pipe.png", "not a regular file")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
+def test_permission_denied(tmp_path):
+    path = tmp_path / "secret.png"
+    Image.new("RGB", (2, 2)).save(path)
+    path.chmod(0)
+    try:
+        assert_image_error(path, "permission denied")
+    finally:
+        path.chmod(0o644)
+
+
+@pytest.mark.parametrize("ext", ["png", "jpg"])
+def test_truncated_image(tmp_path, ext):
+    full = tmp_path / f"full.{ext}"
+    Image.fromarray(noise(64, 64, 3, 8)).save(full)
+    cut = tmp_path / f"cut.{ext}"
+    cut.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    assert_image_error(cut, "truncated")
+    (tmp_path / f"head.{ext}").write_bytes(full.read_bytes()[:20])
+    assert_image_error(tmp_path / f"head.{ext}")
+
+
+def test_zero_size_and_bombs_are_refused_before_decoding(tmp_path):
+    (tmp_path / "zero.png").write_bytes(png_bytes(0, 5, 8, 2))
+    assert_image_error(tmp_path / "zero.png", "no pixels", "0×5")
+
+    # headers only: a few dozen bytes on disk that claim ~100 and 10,000 megapixels
+    (tmp_path / "bomb.png").write_bytes(png_bytes(12_000, 9_000, 8, 2))
+    with pytest.warns(Image.DecompressionBombWarning):  # Pillow's own notice comes first
+        msg = assert_image_error(tmp_path / "bomb.png", "12000×9000", "too large")
+    assert f"{MAX_PIXELS:,}" in msg
+    (tmp_path / "huge.png").write_bytes(png_bytes(100_000, 100_000, 8, 2))
+    assert_image_error(tmp_path / "huge.png", "too large", "10,000,000,000")
+
+
+# ---- saving -------------------------------------------------------------------------------------
+
+def small_picture(alpha=True, bits=8):
+    return picture_from_pixels(pixels_of(noise(9, 11, 4 if alpha else 3, bits)), 11, 9, 4 if alpha else 3, bits)
+
+
+def test_check_output_path(tmp_path):
+    assert check_output_path(tmp_path / "a.PNG") == "PNG"
+    assert check_output_path(tmp_path / "a.jpeg") == "JPEG"
+    with pytest.raises(ImageError, match=r"'\.gif'"):
+        check_output_path(tmp_path / "a.gif")
+    with pytest.raises(ImageError, match="does not exist"):
+        check_output_path(tmp_path / "no" / "a.png")
+    (tmp_path / "a.png").write_bytes(b"x")
+    with pytest.raises(ImageError, match="already exists"):
+        check_output_path(tmp_path / "a.png", overwrite=False)
+
+
+def test_save_is_atomic_and_leaves_no_temporary_file(tmp_path):
+    out = tmp_path / "out.png"
+    out.write_bytes(b"old content " * 10_000)
+    out.chmod(0o640)
+    save_image(small_picture(), out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]
+    assert load_image(out).width == 11
+    assert out.stat().st_mode & 0o777 == 0o640  # the replaced file's mode is kept
+    fresh = tmp_path / "fresh.tif"
+    umask = os.umask(0o022)
+    os.umask(umask)
+    save_image(small_picture(bits=16), fresh)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh.tif", "out.png"]
+    assert fresh.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
+
+
+def test_failed_saves_create_nothing(tmp_path):
+    pic = small_picture()
+    for bad in (tmp_path / "x.xyz", tmp_path / "missing" / "x.png", tmp_path / "noext"):
+        with pytest.raises(ImageError) as e:
+            save_image(pic, bad)
+        assert str(bad) in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_save_that_fails_while_writing_keeps_the_old_file(tmp_path):
+    out = tmp_path / "out.png"
+    save_image(small_picture(), out)
+    before = out.read_bytes()
+    big = picture_from_pixels(noise(256, 256, 3, 8).tobytes(), 256, 256, 3, 8)  # ~200 KB of noise
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, old_limit[1]))  # writes past 50 KB fail
+    try:
+        with pytest.raises(ImageError) as e:
+            save_image(big, out)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert str(out) in str(e.value)
+    assert out.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out.png"]
+
+
+def test_overwrite_false(tmp_path):
+    out = tmp_path / "o.png"
+    save_image(small_picture(), out, overwrite=False)
+    before = out.read_bytes()
+    with pytest.raises(ImageError, match="already exists"):
+        save_image(small_picture(alpha=False), out, overwrite=False)
+    assert out.read_bytes() == before and len(list(tmp_path.iterdir())) == 1
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_png_metadata_becomes_text_chunks(tmp_path, bits):
+    meta = {"nst:weights": "random", "nst:note": "größer 日本"}
+    save_image(small_picture(bits=bits), tmp_path / "m.png", metadata=meta)
+    with Image.open(tmp_path / "m.png") as im:
+        im.load()
+        assert {k: im.text[k] for k in meta} == meta
+    save_image(small_picture(), tmp_path / "m.jpg", metadata=meta)
+    with Image.open(tmp_path / "m.jpg") as im:
+        assert b"nst:weights=random" in im.info["comment"]
+
+
+def test_formats_without_alpha_are_composited_over_white(tmp_path):
+    a = np.zeros((2, 2, 4), np.uint8)
+    a[0, 0] = (200, 10, 10, 255)  # opaque red stays
+    a[0, 1] = (0, 0, 0, 0)  # transparent black becomes white
+    a[1, :] = (0, 0, 0, 128)  # half-transparent black becomes mid grey
+    pic = picture_from_pixels(a.tobytes(), 2, 2, 4, 8)
+    save_image(pic, tmp_path / "x.bmp")
+    back = load_image(tmp_path / "x.bmp")
+    assert back.alpha is None
+    got = (back.rgb * 255).round().int().permute(1, 2, 0).tolist()
+    assert got[0] == [[200, 10, 10], [255, 255, 255]]
+    assert got[1] == [[127, 127, 127]] * 2
+    save_image(pic, tmp_path / "x.jpg")
+    assert load_image(tmp_path / "x.jpg").alpha is None
+
+
+def test_16bit_picture_to_jpeg_is_8bit(tmp_path):
+    save_image(small_picture(bits=16), tmp_path / "x.jpg")
+    back = load_image(tmp_path / "x.jpg")
+    assert back.bit_depth == 8 and (back.width, back.height) == (11, 9)
+
+
+# ---- pixel transport ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", [8, 16])
+@pytest.mark.parametrize("channels", [3, 4])
+def test_pixels_round_trip_is_bit_exact(bits, channels):
+    data = pixels_of(noise(13, 7, channels, bits, seed=bits + channels))
+    pic = picture_from_pixels(data, 7, 13, channels, bits)
+    assert (pic.width, pic.height, pic.bit_depth) == (7, 13, bits)
+    assert pic.has_alpha == (channels == 4)
+    assert picture_to_pixels(pic, channels, bits) == data
+
+
+def test_pixel_conversions():
+    a = np.array([[[255, 0, 128, 0], [1, 2, 3, 128]]], np.uint8)
+    pic = picture_from_pixels(a.tobytes(), 2, 1, 4, 8)
+    wide = np.frombuffer(picture_to_pixels(pic, 4, 16), "<u2").reshape(1, 2, 4)
+    assert wide[..., 3].tolist() == [[0, 128 * 257]] and wide[0, 0, :3].tolist() == [65535, 0, 128 * 257]
+    assert picture_to_pixels(pic, 3, 8) == a[..., :3].tobytes()
+    opaque = picture_from_pixels(a[..., :3].tobytes(), 2, 1, 3, 8)
+    assert picture_to_pixels(opaque, 4, 8)[3::4] == b"\xff\xff"
+
+
+def test_bad_pixel_buffers():
+    with pytest.raises(ImageError, match=r"has 11 bytes.*need 12"):
+        picture_from_pixels(b"\0" * 11, 2, 2, 3, 8)
+    with pytest.raises(ImageError, match="need 32"):
+        picture_from_pixels(b"\0" * 16, 2, 2, 4, 16)
+    for w, h, c, bits in ((0, 2, 3, 8), (2, -1, 3, 8), (2, 2, 5, 8), (2, 2, 3, 12), (MAX_PIXELS, 2, 3, 8)):
+        with pytest.raises(ImageError):
+            picture_from_pixels(b"", w, h, c, bits)
+
+
+# ---- resizing -----------------------------------------------------------------------------------
+
+def test_resize_keeps_aspect_and_is_exact_when_unchanged():
+    pic = picture_from_pixels(pixels_of(noise(30, 40, 4, 16)), 40, 30, 4, 16)
+    same = resize_picture(pic, 40)
+    assert torch.equal(same.rgb, pic.rgb) and torch.equal(same.alpha, pic.alpha) and same.rgb is not pic.rgb
+    small = resize_picture(pic, 20)
+    assert (small.width, small.height, small.bit_depth) == (20, 15, 16)
+    assert small.alpha.dtype == torch.int32 and 0 <= small.alpha.min() and small.alpha.max() <= 65535
+    assert (resize_picture(pic, size=(7, 9)).width, resize_picture(pic, size=(7, 9)).height) == (7, 9)
+    tall = picture_from_pixels(noise(50, 10, 3, 8).tobytes(), 10, 50, 3, 8)
+    assert (resize_picture(tall, 25).width, resize_picture(tall, 25).height) == (5, 25)
+
+
+def test_resize_antialiases_and_does_not_bleed_invisible_colour():
+    checker = ((np.indices((64, 64)).sum(0) % 2) * 255).astype(np.uint8)
+    pic = picture_from_pixels(np.repeat(checker[..., None], 3, -1).tobytes(), 64, 64, 3, 8)
+    small = resize_picture(pic, 8)
+    assert small.rgb.sub(0.5).abs().max() < 0.02  # a fine checkerboard averages to grey
+
+    a = np.zeros((16, 16, 4), np.uint8)
+    a[:, :8] = (255, 0, 0, 255)  # opaque red
+    a[:, 8:] = (0, 255, 0, 0)  # invisible green
+    half = resize_picture(picture_from_pixels(a.tobytes(), 16, 16, 4, 8), 8)
+    visible = half.alpha > 0
+    assert visible[:, :4].all() and not visible[:, 6:].any()
+    assert half.rgb[1][visible].max() < 0.02  # no green in visible pixels
