@@ -423,3 +423,21 @@ def test_resize_antialiases_and_does_not_bleed_invisible_colour():
     visible = half.alpha > 0
     assert visible[:, :4].all() and not visible[:, 6:].any()
     assert half.rgb[1][visible].max() < 0.02  # no green in visible pixels
+
+
+# ---- sample images ------------------------------------------------------------------------------
+
+def test_samples_are_there_small_and_loadable():
+    from nst_core.samples import SAMPLES, SAMPLES_DIR, sample_path
+
+    assert (SAMPLES_DIR / "ATTRIBUTION.md").is_file()
+    attribution = (SAMPLES_DIR / "ATTRIBUTION.md").read_text()
+    for role, name in SAMPLES.items():
+        path = sample_path(role)
+        assert path == sample_path(name) == sample_path(Path(name).stem) == SAMPLES_DIR / name
+        assert path.stat().st_size < 300_000 and name in attribution
+        pic = load_image(path)
+        assert max(pic.width, pic.height) <= 512 and pic.rgb.std() > 0.05
+    for bad in ("nope", "../images.py", "ATTRIBUTION.md"):
+        with pytest.raises(ImageError, match="no such sample"):
+            sample_path(bad)
