@@ -3,7 +3,7 @@
 Loading (`load_image`) applies the EXIF orientation, keeps alpha exactly, and keeps 16 bits per
 channel where the file has them. Pillow's PNG and TIFF decoders reduce 16-bit RGB(A) and grey+alpha
 to 8 bits; we let the same C decoder run a second time with the byte order of its unpacker swapped,
-which yields the low bytes (grey+alpha is copied byte for byte in one pass). That keeps decoding in
+which yields the low bytes (for grey+alpha, the second pass copies the bytes as they are). That keeps decoding in
 Pillow's C code (no pure-Python unfiltering, no extra dependency); the tests check the result
 against PNG files written byte by byte.
 
@@ -100,7 +100,13 @@ class Picture:
 # ---- loading ------------------------------------------------------------------------------------
 
 def load_image(path) -> Picture:
-    """Read an image file into a `Picture`; any problem is an `ImageError` naming the file."""
+    """Read an image file into a `Picture`; any problem is an `ImageError` naming the file.
+
+    Greyscale becomes three equal channels; palette images and colour-key transparency get an
+    alpha channel where they have transparency; CMYK, YCbCr and the like are converted to RGB
+    (without colour profiles); 16-bit integer and float ("F", taken as [0, 1]) sources give
+    `bit_depth` 16. Animated and multi-page files give their first frame.
+    """
     path = Path(path)
     _check_input_file(path)
     try:

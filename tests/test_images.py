@@ -47,6 +47,20 @@ def write_png16(path, samples: np.ndarray) -> None:
     path.write_bytes(png_bytes(w, h, 16, {1: 0, 2: 4, 3: 2, 4: 6}[c], rows))
 
 
+def write_png16_interlaced(path, samples: np.ndarray) -> None:
+    """An Adam7-interlaced 16-bit RGB(A) PNG, byte by byte."""
+    h, w, c = samples.shape
+    rows = b""
+    for x0, y0, dx, dy in ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2)):
+        sub = samples[y0::dy, x0::dx]
+        if sub.size:
+            rows += b"".join(b"\0" + r.astype(">u2").tobytes() for r in sub)
+    data = bytearray(png_bytes(w, h, 16, 6 if c == 4 else 2, rows))
+    data[28] = 1  # IHDR interlace method: Adam7
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(bytes(data))
+
+
 def rgb16(picture: Picture) -> np.ndarray:
     return (picture.rgb * 65535).round().to(torch.int64).permute(1, 2, 0).numpy()
 
@@ -105,6 +119,16 @@ def test_16bit_png_values_are_not_truncated(tmp_path, channels):
         assert pic.alpha.dtype == torch.int32
     else:
         assert pic.alpha is None
+
+
+@pytest.mark.parametrize("channels", [3, 4])
+def test_16bit_interlaced_png(tmp_path, channels):
+    a = noise(13, 11, channels, 16, seed=9)
+    write_png16_interlaced(tmp_path / "i.png", a)
+    with Image.open(tmp_path / "i.png") as im:
+        assert im.info.get("interlace") == 1
+    pic = load_image(tmp_path / "i.png")
+    assert pic.bit_depth == 16 and picture_to_pixels(pic, channels, 16) == pixels_of(a)
 
 
 @pytest.mark.parametrize("ext", ["png", "tif"])
