@@ -1,0 +1,118 @@
+"""`nst serve` and `nst status`: added to the `nst` command by nst_core.cli."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+
+from .client import ServiceClient, ServiceUnavailable, default_socket_path
+
+EXIT_OK, EXIT_UNREACHABLE = 0, 1
+
+
+def add_parsers(subparsers) -> None:
+    serve = subparsers.add_parser(
+        "serve", help="run the local job service (GIMP and other local clients send jobs to it)",
+        description="Keep VGG-19 warm on the device(s) and run jobs from local clients over a Unix socket "
+                    "(docs/PROTOCOL.md). Interactive jobs run before batch jobs.")
+    serve.add_argument("--socket", metavar="PATH", default=None,
+                       help="socket path (default: $NST_SOCKET, else $XDG_RUNTIME_DIR/nst/nst.sock, "
+                            "else /tmp/nst-$UID/nst.sock)")
+    serve.add_argument("--device", default="auto",
+                       help="device(s), comma-separated, one worker each: auto, cpu, cuda, cuda:N, mps (default: auto)")
+    serve.add_argument("--idle-exit", type=float, default=0, metavar="SECONDS",
+                       help="exit after this long with no job and no client (default 0: never)")
+    serve.add_argument("--group", metavar="NAME", default=None,
+                       help="make the socket 0660 and owned by this group (default: 0600, this user only)")
+    serve.add_argument("--max-queue", type=int, default=64, metavar="N",
+                       help="jobs that may wait; more are answered 'busy' (default: 64)")
+    serve.add_argument("--on-stop", choices=("finish", "cancel"), default="finish",
+                       help="on SIGTERM, let the running job finish (default) or cancel it")
+    serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
+                       help="what to log on stderr (default: info)")
+    serve.set_defaults(func=cmd_serve)
+
+    status = subparsers.add_parser(
+        "status", help="show the job service's device, queue, running job and cache",
+        description="Ask the job service for its state. Exit 0 when it answers, 1 when none is reachable.")
+    status.add_argument("--socket", metavar="PATH", default=None, help="socket path (default as for serve)")
+    status.add_argument("--json", action="store_true", help="print the status message as JSON")
+    status.set_defaults(func=cmd_status)
+
+
+def cmd_serve(args) -> int:
+    from .scheduler import Scheduler
+    from .server import ServiceServer
+
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s nst serve: %(levelname)s %(message)s")
+    path = args.socket or default_socket_path()
+    devices = [d.strip() for d in args.device.split(",") if d.strip()] or ["auto"]
+    scheduler = Scheduler(devices=devices, max_queue=args.max_queue)
+    server = ServiceServer(path, scheduler, mode=0o660 if args.group else 0o600, group=args.group,
+                           idle_exit=args.idle_exit, on_stop=args.on_stop)
+
+    def on_signal(signum, frame):
+        logging.getLogger("nst_core.service").info("%s received: stopping", signal.Signals(signum).name)
+        server.request_stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server.start()
+    server.serve_forever()
+    return EXIT_OK
+
+
+def cmd_status(args) -> int:
+    client = ServiceClient(args.socket, timeout=5.0, client_name="nst status")
+    try:
+        st = client.status()
+    except ServiceUnavailable as e:
+        print(f"nst: {e.message}. Start one with `nst serve`.", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return EXIT_OK
+    print(format_status(st))
+    return EXIT_OK
+
+
+def format_status(st: dict) -> str:
+    lines = [f"service   {st.get('socket')} (pid {st.get('pid')}, up {_duration(st.get('uptime', 0))}, "
+             f"{st.get('server')}, protocol {st.get('protocol')})"]
+    for w in st.get("workers", []):
+        job = w.get("running")
+        doing = "idle" if not job else (
+            f"running {job['job_id']} ({job['priority']}, {job.get('client') or '?'}): step {job['step']}/"
+            f"{job['total']}, size {job['size']}, {_duration(job['elapsed'])}")
+        lines.append(f"device    {w['device']}: {doing}")
+        cache = w.get("cache") or {}
+        if "style_targets" in cache:
+            nets = cache.get("networks") or []
+            lines.append(f"cache     {len(nets)} network(s) loaded{': ' + '; '.join(nets) if nets else ''}; "
+                         f"{cache['style_targets']} style target(s), {cache.get('style_target_hits', 0)} hit(s), "
+                         f"{cache.get('style_target_misses', 0)} miss(es)")
+    q = st.get("queue", {})
+    lines.append(f"queue     {q.get('interactive', 0)} interactive, {q.get('batch', 0)} batch (max {q.get('max')})")
+    for j in q.get("jobs", []):
+        lines.append(f"          {j['job_id']} {j['priority']} from {j.get('client') or '?'}, "
+                     f"waiting {_duration(j['waited'])}")
+    jobs = st.get("jobs", {})
+    lines.append(f"jobs      {jobs.get('done', 0)} done, {jobs.get('failed', 0)} failed, "
+                 f"{jobs.get('cancelled', 0)} cancelled")
+    lines.append(f"clients   {st.get('clients', 0)}")
+    idle = st.get("idle_exit") or 0
+    lines.append(f"idle exit {'never' if not idle else _duration(idle)}")
+    return "\n".join(lines)
+
+
+def _duration(seconds) -> str:
+    seconds = float(seconds or 0)
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    if seconds < 3600:
+        return f"{seconds // 60:.0f} min {seconds % 60:.0f} s"
+    return f"{seconds // 3600:.0f} h {seconds % 3600 // 60:.0f} min"

@@ -1,0 +1,390 @@
+"""The job queue of the service: one worker thread per device, interactive jobs first.
+
+Embeddable: the daemon runs a `Scheduler` in-process for its folder jobs (priority "batch") and
+hands the same scheduler to a `ServiceServer` for GIMP's jobs ("interactive").
+
+    scheduler = Scheduler(devices=("auto",)); scheduler.start()
+    job = scheduler.submit(picture_or_path, [style], StyleParams(...), priority="batch")
+    result = job.result()          # engine Result, or raises the NSTError / Cancelled
+    scheduler.stop(cancel_running=False)
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from typing import Callable
+
+from ..errors import Cancelled, DeviceError, NSTError, OutOfMemory, ParamError
+from ..params import StyleParams
+
+log = logging.getLogger("nst_core.service")
+
+PRIORITIES = {"interactive": 0, "batch": 1}
+
+
+class QueueFull(NSTError):
+    """The bounded queue is full."""
+
+    kind = "busy"
+
+
+class ServiceStopping(NSTError):
+    """The service is shutting down; the job did not run (or was stopped)."""
+
+    kind = "unavailable"
+
+
+class InternalError(NSTError):
+    """A bug in the service or the engine, reported to the client instead of a dead service."""
+
+    kind = "internal"
+    exit_code = 1
+
+
+class JobHandle:
+    """A submitted job: cancel it, poll it, or wait for its engine `Result`."""
+
+    def __init__(self, scheduler, seq, content, styles, params, priority, progress, allow_cpu_fallback, client,
+                 on_event, eligible):
+        self.id = f"j{seq}"
+        self.seq = seq
+        self.content = content
+        self.styles = list(styles)
+        self.params = params
+        self.priority = priority
+        self.allow_cpu_fallback = allow_cpu_fallback
+        self.client = client
+        self.position = 0
+        self.state = "queued"  # running, done, failed, cancelled
+        self.device: str | None = None
+        self.step = 0
+        self.total = params.iterations
+        self.submitted = time.monotonic()
+        self.started: float | None = None
+        self.finished: float | None = None
+        self._scheduler = scheduler
+        self._progress = progress
+        self._on_event = on_event
+        self._eligible = eligible
+        self._cancel = threading.Event()
+        self._cancel_requested = False
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[JobHandle], None]] = []
+        self._result = None
+        self._error: BaseException | None = None
+
+    def cancel(self) -> None:
+        """Cancel: a queued job never runs, a running one stops within one optimiser step."""
+        self._cancel_requested = True
+        self._cancel.set()
+        self._scheduler._dequeue(self, Cancelled("cancelled before it started"))
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def result(self, timeout: float | None = None):
+        """The engine's Result; raises the job's NSTError (Cancelled when cancelled)."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"job {self.id} has not finished after {timeout} s")
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+    def add_done_callback(self, fn: Callable[["JobHandle"], None]) -> None:
+        """Call fn(job) when it ends (at once if it has), from the thread that ends it."""
+        with self._lock:
+            if not self._done.is_set():
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
+    def summary(self) -> dict:
+        now = time.monotonic()
+        return {
+            "job_id": self.id, "priority": self.priority, "state": self.state, "client": self.client,
+            "device": self.device, "step": self.step, "total": self.total, "size": self.params.size,
+            "waited": round((self.started or now) - self.submitted, 3),
+            "elapsed": round(now - self.started, 3) if self.started else 0.0,
+        }
+
+    # -- called by the scheduler --
+
+    def _event(self, kind: str, data: dict) -> None:
+        if self._on_event is not None:
+            try:
+                self._on_event(kind, data)
+            except Exception:
+                log.exception("job %s: event callback failed", self.id)
+
+    def _on_progress(self, p) -> None:
+        self.step, self.total = p.step, p.total
+        if self._progress is not None:
+            self._progress(p)
+
+    def _finish(self, result=None, error: BaseException | None = None) -> None:
+        with self._lock:
+            if self._done.is_set():
+                return
+            self._result, self._error = result, error
+            self.finished = time.monotonic()
+            if error is None:
+                self.state = "done"
+            elif isinstance(error, Cancelled):
+                self.state = "cancelled"
+            else:
+                self.state = "failed"
+            self._done.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            try:
+                fn(self)
+            except Exception:
+                log.exception("job %s: done callback failed", self.id)
+
+
+class _Worker:
+    def __init__(self, device: str, session):
+        self.device = device
+        self.session = session
+        self.job: JobHandle | None = None
+        self.thread: threading.Thread | None = None
+
+
+class Scheduler:
+    """A bounded priority queue and one worker thread (with one warm engine Session) per device."""
+
+    def __init__(self, devices=("auto",), max_queue: int = 64, session_factory=None):
+        if isinstance(devices, str):
+            devices = [devices]
+        self.requested_devices = list(devices) or ["auto"]
+        if max_queue < 1:
+            raise ParamError("max_queue", f"must be at least 1, got {max_queue}")
+        self.max_queue = max_queue
+        self._session_factory = session_factory or _default_session
+        self._cond = threading.Condition()
+        self._queue: list[JobHandle] = []
+        self._workers: list[_Worker] = []
+        self._seq = itertools.count(1)
+        self._started = False
+        self._stopping = False
+        self._cpu_session = None
+        self.counts = {"done": 0, "failed": 0, "cancelled": 0}
+        self.last_activity = time.monotonic()
+
+    @property
+    def devices(self) -> list[str]:
+        return [w.device for w in self._workers]
+
+    def start(self) -> None:
+        """Resolve the devices (DeviceError if one is absent) and start one worker per device."""
+        with self._cond:
+            if self._started:
+                return
+            from ..devices import pick_device
+
+            resolved = []
+            for name in self.requested_devices:
+                dev = _device_name(pick_device(name))
+                if dev not in resolved:
+                    resolved.append(dev)
+            for dev in resolved:
+                worker = _Worker(dev, self._session_factory(dev))
+                worker.thread = threading.Thread(target=self._work, args=(worker,), name=f"nst-worker-{dev}",
+                                                 daemon=True)
+                self._workers.append(worker)
+            self._started = True
+        for w in self._workers:
+            w.thread.start()
+        log.info("workers on %s", ", ".join(self.devices))
+
+    def submit(self, content, styles, params: StyleParams, *, priority: str = "batch", progress=None,
+               allow_cpu_fallback: bool = False, client: str | None = None, on_event=None) -> JobHandle:
+        """Queue a job. Raises QueueFull, ServiceStopping, or DeviceError (device not served).
+
+        progress(engine Progress) runs on the worker thread after every step. on_event(kind, data)
+        gets "started" ({"device"}) and "notice" ({"message"}).
+        """
+        if priority not in PRIORITIES:
+            raise ParamError("priority", f"must be one of {', '.join(PRIORITIES)}, got {priority!r}")
+        if not isinstance(params, StyleParams):
+            raise ParamError("params", f"must be StyleParams, got {type(params).__name__}")
+        self.start()
+        with self._cond:
+            if self._stopping:
+                raise ServiceStopping("the service is shutting down; the job was not queued")
+            eligible = self._eligible(params.device)
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(f"the service is busy: its queue is full ({self.max_queue} jobs waiting); "
+                                f"try again later")
+            job = JobHandle(self, next(self._seq), content, styles, params, priority, progress, allow_cpu_fallback,
+                            client, on_event, eligible)
+            rank = (PRIORITIES[priority], job.seq)
+            job.position = sum(1 for j in self._queue if (PRIORITIES[j.priority], j.seq) < rank)
+            self._queue.append(job)
+            self.last_activity = time.monotonic()
+            self._cond.notify_all()
+        log.info("job %s queued (%s, %s, size %d, %d iterations)", job.id, priority, client or "in-process",
+                 params.size, params.iterations)
+        return job
+
+    def stop(self, cancel_running: bool, timeout: float | None = None) -> None:
+        """Stop taking jobs: queued ones end with ServiceStopping; running ones finish or are cancelled."""
+        with self._cond:
+            self._stopping = True
+            queued, self._queue = self._queue, []
+            running = [w.job for w in self._workers if w.job is not None]
+            self._cond.notify_all()
+        for job in queued:
+            job._finish(error=ServiceStopping("the service is shutting down; the job did not run"))
+        if cancel_running:
+            for job in running:
+                job._cancel.set()
+        for w in self._workers:
+            if w.thread is not None and w.thread is not threading.current_thread():
+                w.thread.join(timeout)
+
+    def idle(self) -> bool:
+        with self._cond:
+            return not self._queue and all(w.job is None for w in self._workers)
+
+    def status(self) -> dict:
+        with self._cond:
+            queue = sorted(self._queue, key=lambda j: (PRIORITIES[j.priority], j.seq))
+            workers = [(w, w.job) for w in self._workers]
+            counts = dict(self.counts)
+        return {
+            "devices": [w.device for w, _ in workers],
+            "workers": [{"device": w.device, "running": job.summary() if job else None,
+                         "cache": _stats(w.session)} for w, job in workers],
+            "queue": {"interactive": sum(1 for j in queue if j.priority == "interactive"),
+                      "batch": sum(1 for j in queue if j.priority == "batch"),
+                      "max": self.max_queue, "jobs": [j.summary() for j in queue]},
+            "jobs": counts,
+        }
+
+    # -- internals --
+
+    def _eligible(self, wanted: str) -> list[_Worker]:
+        if wanted == "auto":
+            return list(self._workers)
+        match = [w for w in self._workers if w.device == wanted or (wanted == "cuda" and w.device.startswith("cuda:"))]
+        if not match:
+            raise DeviceError(f"device {wanted}: this service runs on {', '.join(self.devices)}; use device auto, "
+                              f"or start a service for {wanted} (nst serve --device {wanted})")
+        return match
+
+    def _dequeue(self, job: JobHandle, error: BaseException) -> None:
+        with self._cond:
+            if job not in self._queue:
+                return
+            self._queue.remove(job)
+            self.counts["cancelled"] += 1
+            self.last_activity = time.monotonic()
+        job._finish(error=error)
+
+    def _take(self, worker: _Worker) -> JobHandle | None:
+        with self._cond:
+            while True:
+                if self._stopping:
+                    return None
+                mine = [j for j in self._queue if worker in j._eligible]
+                if mine:
+                    job = min(mine, key=lambda j: (PRIORITIES[j.priority], j.seq))
+                    self._queue.remove(job)
+                    job.state = "running"
+                    job.device = worker.device
+                    job.started = time.monotonic()
+                    worker.job = job
+                    return job
+                self._cond.wait()
+
+    def _work(self, worker: _Worker) -> None:
+        while True:
+            job = self._take(worker)
+            if job is None:
+                return
+            try:
+                self._run(worker, job)
+            finally:
+                with self._cond:
+                    worker.job = None
+                    self.counts[job.state if job.state in self.counts else "failed"] += 1
+                    self.last_activity = time.monotonic()
+            took = (job.finished or time.monotonic()) - job.started
+            log.info("job %s %s in %.2f s on %s", job.id, job.state, took, worker.device)
+
+    def _run(self, worker: _Worker, job: JobHandle) -> None:
+        from ..engine import stylize
+
+        job._event("started", {"device": worker.device})
+        params = job.params if job.params.device == worker.device else job.params.replace(device=worker.device)
+        try:
+            if job._cancel.is_set():
+                raise Cancelled("cancelled")
+            try:
+                result = stylize(job.content, job.styles, params, progress=job._on_progress, cancel=job._cancel,
+                                 session=worker.session)
+            except OutOfMemory as e:
+                _free_memory(worker.device)
+                if not job.allow_cpu_fallback or worker.device == "cpu":
+                    raise
+                message = f"{e.message}; retrying once on the CPU"
+                log.warning("job %s: %s", job.id, message)
+                job._event("notice", {"message": message})
+                result = stylize(job.content, job.styles, params.replace(device="cpu"), progress=job._on_progress,
+                                 cancel=job._cancel, session=self._cpu())
+            job._finish(result=result)
+        except Cancelled as e:
+            if self._stopping and not job._cancel_requested:
+                e = ServiceStopping("the service is shutting down; the job was stopped")
+            job._finish(error=e)
+        except NSTError as e:
+            job._finish(error=e)
+        except Exception as e:  # a bug: report it and keep serving
+            log.exception("job %s failed", job.id)
+            job._finish(error=InternalError(f"internal error in the service: {type(e).__name__}: {e}"))
+
+    def _cpu(self):
+        with self._cond:
+            for w in self._workers:
+                if w.device == "cpu":
+                    return w.session
+            if self._cpu_session is None:
+                self._cpu_session = self._session_factory("cpu")
+            return self._cpu_session
+
+
+def _default_session(device: str):
+    from ..engine import Session
+
+    return Session()
+
+
+def _device_name(dev) -> str:
+    """A torch.device as a stable name: cuda → cuda:N (the current device)."""
+    if dev.type == "cuda" and dev.index is None:
+        import torch
+
+        return f"cuda:{torch.cuda.current_device()}"
+    return str(dev)
+
+
+def _stats(session) -> dict:
+    try:
+        return dict(session.stats())
+    except Exception as e:  # status must never fail because of the cache
+        return {"error": str(e)}
+
+
+def _free_memory(device: str) -> None:
+    if device.startswith("cuda"):
+        import gc
+
+        import torch
+
+        gc.collect()
+        torch.cuda.empty_cache()
