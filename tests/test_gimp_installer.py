@@ -1,0 +1,188 @@
+"""The GIMP plug-in's installer (`nst gimp install|uninstall`) and the plug-in's GIMP-free helpers.
+
+Fast and GIMP-free: real files in temporary folders, the real `nst` argument parser. The plug-in
+itself runs in the real GIMP 3 in tests/test_gimp_plugin.py (marked gimp).
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from gimp_plugin import installer
+from nst_core import cli
+from nst_core.params import StyleParams
+
+REPO = Path(__file__).resolve().parents[1]
+PLUGIN = REPO / "gimp_plugin" / "neural-style" / "neural-style.py"
+CLIENT = REPO / "nst_core" / "service" / "client.py"
+
+
+@pytest.fixture(scope="module")
+def plugin():
+    """The plug-in file as a module (it imports gi only when GIMP runs it)."""
+    spec = importlib.util.spec_from_file_location("neural_style_plugin", PLUGIN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_install_copies_the_plugin_makes_it_executable_and_records_python(tmp_path, capsys):
+    dest = tmp_path / "plug-ins"
+    [folder] = installer.install(dest)
+    assert folder == dest / "neural-style"
+    assert (folder / "neural-style.py").read_bytes() == PLUGIN.read_bytes()
+    assert os.access(folder / "neural-style.py", os.X_OK)
+    assert (folder / "nst_client.py").read_bytes() == CLIENT.read_bytes()
+    settings = json.loads((folder / "nst-plugin.json").read_text())
+    assert settings == {"python": sys.executable, "socket": None}
+    out = capsys.readouterr().out
+    assert f"Installed the Neural Style plug-in in {folder}" in out and sys.executable in out
+
+
+def test_install_again_upgrades_in_place(tmp_path, capsys):
+    dest = tmp_path / "plug-ins"
+    folder = installer.install(dest)[0]
+    (folder / "neural-style.py").write_text("# an old version\n")
+    (folder / "__pycache__").mkdir()
+    (folder / "__pycache__" / "nst_client.cpython-313.pyc").write_bytes(b"stale")
+    (folder / "user-notes.txt").write_text("mine")
+    capsys.readouterr()
+    installer.install(dest, python="/opt/nst/bin/python", socket="/run/nst/nst.sock")
+    assert (folder / "neural-style.py").read_bytes() == PLUGIN.read_bytes()
+    assert os.access(folder / "neural-style.py", os.X_OK)
+    assert not (folder / "__pycache__").exists()
+    assert (folder / "user-notes.txt").read_text() == "mine"
+    assert json.loads((folder / "nst-plugin.json").read_text()) == {"python": "/opt/nst/bin/python",
+                                                                     "socket": "/run/nst/nst.sock"}
+    assert "Upgraded" in capsys.readouterr().out
+    assert sorted(p.name for p in folder.iterdir()) == ["neural-style.py", "nst-plugin.json", "nst_client.py",
+                                                        "user-notes.txt"]
+
+
+def test_uninstall_removes_only_the_plugins_files(tmp_path, capsys):
+    dest = tmp_path / "plug-ins"
+    folder = installer.install(dest)[0]
+    assert installer.uninstall(dest) == [folder]
+    assert not folder.exists() and dest.is_dir()
+    assert installer.uninstall(dest) == []
+    assert "nothing to remove" in capsys.readouterr().out
+
+    folder = installer.install(dest)[0]
+    (folder / "user-notes.txt").write_text("mine")
+    installer.uninstall(dest)
+    assert [p.name for p in folder.iterdir()] == ["user-notes.txt"]
+    assert "user-notes.txt" in capsys.readouterr().out
+
+
+def test_plugin_folders_per_platform(tmp_path):
+    home = tmp_path / "home"
+    assert installer.plugin_dirs({"GIMP3_DIRECTORY": "/x/gimp"}, "linux", home) == [Path("/x/gimp/plug-ins")]
+    assert installer.plugin_dirs({}, "linux", home) == [home / ".config/GIMP/3.0/plug-ins"]
+    assert installer.plugin_dirs({"XDG_CONFIG_HOME": "/cfg"}, "linux", home) == [Path("/cfg/GIMP/3.0/plug-ins")]
+    (home / ".var/app/org.gimp.GIMP").mkdir(parents=True)
+    assert installer.plugin_dirs({}, "linux", home) == [
+        home / ".config/GIMP/3.0/plug-ins", home / ".var/app/org.gimp.GIMP/config/GIMP/3.0/plug-ins"]
+    assert installer.plugin_dirs({"APPDATA": r"C:\Users\ann\AppData\Roaming"}, "win32", home) == [
+        Path(r"C:\Users\ann\AppData\Roaming") / "GIMP" / "3.0" / "plug-ins"]
+    assert installer.plugin_dirs({}, "darwin", home) == [home / "Library/Application Support/GIMP/3.0/plug-ins"]
+
+
+def test_nst_gimp_install_and_uninstall_commands(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("GIMP3_DIRECTORY", str(tmp_path / "profile"))
+    assert cli.main(["gimp", "install"]) == 0
+    folder = tmp_path / "profile" / "plug-ins" / "neural-style"
+    assert os.access(folder / "neural-style.py", os.X_OK)
+    assert cli.main(["gimp", "install", "--dest", str(tmp_path / "other"), "--socket", "/tmp/s.sock"]) == 0
+    assert json.loads((tmp_path / "other/neural-style/nst-plugin.json").read_text())["socket"] == "/tmp/s.sock"
+    assert cli.main(["gimp", "uninstall"]) == 0
+    assert not folder.exists() and (tmp_path / "other/neural-style").is_dir()
+    capsys.readouterr()
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro" / "neural-style").write_text("a file where the folder goes")
+    assert cli.main(["gimp", "install", "--dest", str(tmp_path / "ro")]) == 2
+    assert "cannot install the plug-in into" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli.main(["gimp"])
+    assert e.value.code == 2
+
+
+@pytest.mark.parametrize("path", [PLUGIN, CLIENT], ids=["plugin", "client"])
+def test_plugin_side_never_imports_torch_numpy_or_pillow(path):
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module.split(".")[0])
+    assert not names & {"torch", "torchvision", "numpy", "PIL", "nst_core"}
+
+
+def test_every_plugin_setting_makes_valid_engine_params(plugin):
+    for quality in [*plugin.QUALITY_PRESETS, "custom"]:
+        for preserve in plugin.PRESERVE_COLORS:
+            for device in plugin.DEVICES:
+                for strength in (1.0, 2.5, 4.0):
+                    p = plugin.build_params(quality=quality, custom_size=64, custom_iterations=7, strength=strength,
+                                            preserve_color=preserve, style_scale=0.5, seed=3, device=device,
+                                            weights="random", region_w=5000, region_h=300)
+                    sp = StyleParams.from_mapping(p)  # the engine's own validation
+                    assert sp.preserve_color == preserve and sp.weights == "random" and sp.seed == 3
+                    assert sp.ratio == pytest.approx(10.0 ** -(strength + 1))
+                    if quality == "custom":
+                        assert (sp.size, sp.iterations) == (64, 7)
+                    else:
+                        assert (sp.size, sp.iterations) == plugin.QUALITY_PRESETS[quality][1:]
+    p = plugin.build_params(quality="custom", custom_size=64, custom_iterations=7, strength=2, preserve_color="none",
+                            style_scale=1, seed=0, device="gpu", weights=" ", region_w=10, region_h=30)
+    assert "weights" not in p and p["size"] == 30  # no upscaling of a small area
+    assert plugin.device_name("gpu", "darwin") == "mps" and plugin.device_name("gpu", "linux") == "cuda"
+
+
+def test_strength_scale_matches_its_tooltip(plugin):
+    # Strength 2 is documented as the paper's alpha/beta, which is the engine's default ratio.
+    assert plugin.strength_to_ratio(2.0) == pytest.approx(StyleParams().ratio)
+    assert plugin.strength_to_ratio(1.0) == pytest.approx(1e-2)
+    assert plugin.strength_to_ratio(4.0) == pytest.approx(1e-5)
+    assert plugin.strength_to_ratio(9.0) == pytest.approx(1e-5)
+
+
+def test_pixel_helpers(plugin):
+    result = bytes([10, 20, 30, 40, 50, 60, 70, 80])
+    original = bytes([1, 2, 3, 4, 5, 6, 7, 8])
+    assert plugin.keep_alpha(result, original, 1) == bytes([10, 20, 30, 4, 50, 60, 70, 8])
+    r16 = bytes(range(100, 116))
+    o16 = bytes(range(16))
+    assert plugin.keep_alpha(r16, o16, 2) == bytes([100, 101, 102, 103, 104, 105, 6, 7,
+                                                    108, 109, 110, 111, 112, 113, 14, 15])
+    assert plugin.swap16(bytes([1, 2, 3, 4])) == bytes([2, 1, 4, 3])
+    assert plugin.scaled_dims(1000, 500, 256) == (256, 128, 0.256)
+    assert plugin.scaled_dims(100, 50, 256) == (100, 50, 1.0)
+
+
+def test_socket_choice_and_settings(plugin, tmp_path):
+    settings = {"socket": "/from/installer.sock"}
+    assert plugin.choose_socket("/typed.sock", settings, {"NST_SOCKET": "/env.sock"}) == "/typed.sock"
+    assert plugin.choose_socket("", settings, {"NST_SOCKET": "/env.sock"}) == "/env.sock"
+    assert plugin.choose_socket("", settings, {}) == "/from/installer.sock"
+    assert plugin.choose_socket("", {}, {}) is None
+    assert plugin.read_settings(str(tmp_path)) == {}
+    (tmp_path / "nst-plugin.json").write_text("{not json")
+    with pytest.raises(plugin.UserError, match="nst gimp install"):
+        plugin.read_settings(str(tmp_path))
+
+
+def test_error_messages_say_what_to_do(plugin):
+    text = plugin.explain("out_of_memory", "out of memory on cuda:0 at 1024 px")
+    assert text.startswith("Out of memory on cuda:0 at 1024 px.") and "lower Quality" in text
+    assert "Weights" in plugin.explain("weights", "VGG-19 weights not found: fetch X and put it in Y")
+    assert "nst serve" in plugin.explain("unavailable", "the service closed the connection")
+    event = {"step": 5, "total": 10, "level": 1, "levels": 2, "losses": {"total": 1234.5}, "eta": 2.2}
+    assert plugin.progress_text(event) == "Neural Style: step 5/10 · level 1/2 · loss 1234 · 3 s left"
