@@ -1,0 +1,780 @@
+"""The daemon's rule file: strict YAML validation; every error names the file, the line and the key.
+
+The YAML is composed to nodes first (not loaded to plain data), so that each value keeps its
+position. Engine parameters are validated by `StyleParams.from_mapping`, the one source of their
+names and defaults; this module holds only the daemon's own settings.
+
+Relative paths in the file are relative to the folder that holds the file (so a config and its
+folders can move together, and the service does not depend on its working directory).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import fnmatch
+import hashlib
+import json
+import os
+import re
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from nst_core.errors import NSTError, ParamError
+from nst_core.params import StyleParams
+
+# ---- the daemon's own keys, their defaults and meanings -----------------------------------------
+
+SETTINGS_DEFAULTS: dict[str, Any] = {
+    "device": "auto",            # str or list: the job service's workers (one per device)
+    "journal": None,             # None: $STATE_DIRECTORY/journal.sqlite or ~/.local/state/nst-daemon/
+    "socket": "default",         # null: no job service socket; "default": see default_socket()
+    "socket_group": None,        # a group name: the socket is 0660 for that group (else 0600)
+    "log_level": "info",
+    "scan_interval": 60.0,       # seconds between full scans (events only enqueue; scans catch the rest)
+    "settle": 2.0,               # seconds a file's size and times must stay unchanged
+    "poll_interval": 2.0,        # seconds between polls of folders on network file systems
+    "reload_on_change": False,   # reload when the config file changes (SIGHUP always reloads)
+    "max_attempts": 3,           # runs of one job the daemon may die in before it is failed
+    "stop_timeout": 20.0,        # on SIGTERM: wait this long for the running job, then requeue it
+    "stall_timeout": 600.0,      # no engine progress for this long: stop feeding systemd's watchdog
+}
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+DEFAULT_INCLUDE = ("*.jpg", "*.jpeg", "*.png", "*.tif", "*.tiff", "*.webp", "*.bmp")
+RULE_DEFAULTS: dict[str, Any] = {
+    "include": DEFAULT_INCLUDE,
+    "exclude": (),
+    "recursive": False,
+    "name": "{stem}_{rule}{ext}",
+    "on_collision": "number",
+    "keep_inputs": False,
+    "processed": "processed",
+    "failed": "failed",
+    "poll": "auto",
+    "create": False,
+    "params": {},
+}
+REQUIRED_RULE_KEYS = ("name", "watch", "style", "output")
+RULE_KEYS = ("rule", "watch", "include", "exclude", "recursive", "style", "params", "output", "name",
+             "on_collision", "keep_inputs", "processed", "failed", "poll", "create")
+COLLISIONS = ("overwrite", "number", "skip")
+TOP_KEYS = ("settings", "defaults", "rules")
+TEMPLATE_FIELDS = ("stem", "rule", "style", "ext", "date", "time")
+_RULE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+# ---- errors ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: str
+    line: int | None  # 1-based
+    column: int | None
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        where = self.file if self.line is None else f"{self.file}:{self.line}:{self.column}"
+        return f"{where}: {self.key}: {self.message}" if self.key else f"{where}: {self.message}"
+
+
+class ConfigError(NSTError):
+    """The rule file is invalid; `problems` lists every error found (file, line, key, message)."""
+
+    kind = "config"
+
+    def __init__(self, problems: list[Problem]):
+        super().__init__("\n".join(str(p) for p in problems))
+        self.problems = problems
+
+    def to_mapping(self) -> dict:
+        return {**super().to_mapping(), "problems": [p.__dict__ for p in self.problems]}
+
+
+# ---- the validated configuration -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    devices: tuple[str, ...]
+    journal: Path | None
+    socket: Path | None | str  # a path, None (no socket) or "default"
+    socket_group: str | None
+    log_level: str
+    scan_interval: float
+    settle: float
+    poll_interval: float
+    reload_on_change: bool
+    max_attempts: int
+    stop_timeout: float
+    stall_timeout: float
+
+    def journal_path(self, env=None) -> Path:
+        """The journal file: as configured, else under systemd's StateDirectory, else XDG state."""
+        env = os.environ if env is None else env
+        if self.journal is not None:
+            return self.journal
+        if env.get("STATE_DIRECTORY"):
+            return Path(env["STATE_DIRECTORY"].split(":")[0]) / "journal.sqlite"
+        base = Path(env.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+        return base / "nst-daemon" / "journal.sqlite"
+
+    def socket_path(self, env=None) -> Path | None:
+        """The job service socket, or None when disabled."""
+        env = os.environ if env is None else env
+        if self.socket is None or isinstance(self.socket, Path):
+            return self.socket
+        if env.get("RUNTIME_DIRECTORY"):
+            return Path(env["RUNTIME_DIRECTORY"].split(":")[0]) / "nst.sock"
+        from nst_core.service.client import default_socket_path
+
+        return Path(default_socket_path())
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    watch: tuple[Path, ...]
+    include: tuple[str, ...]
+    exclude: tuple[str, ...]
+    recursive: bool
+    styles: tuple[Path, ...]
+    params: StyleParams
+    output: Path
+    template: str
+    on_collision: str
+    keep_inputs: bool
+    processed: str
+    failed: str
+    poll: str  # "auto", "always", "never"
+    create: bool
+    version: str  # changes whenever anything that shapes the output pixels changes
+    line: int | None = None
+
+    def processed_dir(self, root: Path) -> Path:
+        return _under(root, self.processed)
+
+    def failed_dir(self, root: Path) -> Path:
+        return _under(root, self.failed)
+
+    def skipped_dirs(self, root: Path) -> set[Path]:
+        return {self.processed_dir(root), self.failed_dir(root), self.output}
+
+    def accepts(self, root: Path, path: Path) -> bool:
+        """Whether a file at `path` (under the watched folder `root`) is one this rule takes."""
+        try:
+            rel = path.relative_to(root)
+        except ValueError:
+            return False
+        parts = rel.parts
+        if not parts or (len(parts) > 1 and not self.recursive):
+            return False
+        if any(is_ignored_name(p) for p in parts):
+            return False
+        if len(parts) > 1:
+            skipped = self.skipped_dirs(root)
+            d = root
+            for p in parts[:-1]:
+                d = d / p
+                if d in skipped:
+                    return False
+        rel_s = "/".join(parts).lower()
+        name = parts[-1].lower()
+
+        def match(pattern: str) -> bool:
+            pattern = pattern.lower()
+            return fnmatch.fnmatchcase(rel_s if "/" in pattern else name, pattern)
+
+        return any(match(p) for p in self.include) and not any(match(p) for p in self.exclude)
+
+    def output_name(self, source: Path, when: _dt.datetime | None = None) -> str:
+        return render_template(self.template, source, self.name, self.styles, when)
+
+    def describe_params(self) -> str:
+        p = self.params
+        changed = {k: v for k, v in p.to_mapping().items() if v != StyleParams.default(k)}
+        shown = ", ".join(f"{k}={_short(v)}" for k, v in changed.items()) or "all engine defaults"
+        return f"{shown}  (ratio alpha/beta={p.ratio:g}, {p.iterations} iterations at {p.size}px)"
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    settings: Settings
+    rules: tuple[Rule, ...]
+    defaults: dict = field(default_factory=dict)
+
+    def rule(self, name: str) -> Rule | None:
+        return next((r for r in self.rules if r.name == name), None)
+
+    def owner(self, path: Path) -> tuple[Rule, Path] | None:
+        """The rule and watched folder that a file belongs to, if any (folders never overlap)."""
+        for rule in self.rules:
+            for root in rule.watch:
+                if rule.accepts(root, path):
+                    return rule, root
+        return None
+
+
+# ---- names ---------------------------------------------------------------------------------------
+
+_IGNORED = (".*", "*.part", "*.crdownload", "*.tmp", "~$*")
+
+
+def is_ignored_name(name: str) -> bool:
+    """Hidden and temporary names, which are left alone until renamed."""
+    low = name.lower()
+    return any(fnmatch.fnmatchcase(low, p) for p in _IGNORED)
+
+
+class _When:
+    """A date/time placeholder: ``{date}`` → 2024-05-31, ``{time}`` → 142501, ``{date:%Y%m}`` → strftime."""
+
+    def __init__(self, when: _dt.datetime, default: str):
+        self.when, self.default = when, default
+
+    def __format__(self, spec: str) -> str:
+        return self.when.strftime(spec or self.default)
+
+
+def render_template(template: str, source: Path, rule: str, styles: Iterable[Path],
+                    when: _dt.datetime | None = None) -> str:
+    when = when or _dt.datetime.now()
+    style = "+".join(Path(s).stem for s in styles) or "none"
+    return template.format(
+        stem=source.stem, ext=source.suffix, rule=rule, style=style,
+        date=_When(when, "%Y-%m-%d"), time=_When(when, "%H%M%S"),
+    )
+
+
+def check_template(template: str) -> str | None:
+    """None if the output name template is usable, else why not."""
+    if not template.strip():
+        return "must not be empty"
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        return f"bad template ({e}); placeholders are {', '.join('{%s}' % f for f in TEMPLATE_FIELDS)}"
+    for _, fname, _, conv in parsed:
+        if fname is None:
+            continue
+        if fname not in TEMPLATE_FIELDS:
+            return (f"unknown placeholder {{{fname}}}; use "
+                    f"{', '.join('{%s}' % f for f in TEMPLATE_FIELDS)} (date/time take strftime codes: {{date:%Y%m%d}})")
+        if conv:
+            return f"conversions such as !{conv} are not supported"
+    try:
+        sample = render_template(template, Path("photo.jpg"), "rule", [Path("style.png")])
+    except (ValueError, TypeError) as e:
+        return f"cannot format a name ({e})"
+    p = Path(sample)
+    if p.is_absolute() or ".." in p.parts or any(is_ignored_name(x) for x in p.parts):
+        return f"must give a relative name without '..' or hidden/temporary parts (example: {sample!r})"
+    if "{ext}" not in template.replace(" ", ""):
+        from PIL import Image
+
+        fmt = Image.registered_extensions().get(p.suffix.lower())
+        if fmt is None or fmt not in Image.SAVE:
+            return f"the name must end in an image extension Pillow can write, or in {{ext}} (example: {sample!r})"
+    return None
+
+
+# ---- loading -------------------------------------------------------------------------------------
+
+
+def load_config(path, *, check_styles: bool = True) -> Config:
+    """Read and validate a rule file; raise `ConfigError` listing every problem."""
+    path = Path(path).expanduser().absolute()
+    return _Loader(path, check_styles).load()
+
+
+class _Loader:
+    def __init__(self, path: Path, check_styles: bool):
+        self.path = path
+        self.base = path.parent
+        self.check_styles = check_styles
+        self.problems: list[Problem] = []
+        self.watch_nodes: dict = {}
+
+    # -- problems --
+    def problem(self, node, key: str, message: str) -> None:
+        mark = getattr(node, "start_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        col = mark.column + 1 if mark is not None else None
+        self.problems.append(Problem(str(self.path), line, col, key, message))
+
+    def load(self) -> Config:
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError([Problem(str(self.path), None, None, "", "no such file")]) from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError([Problem(str(self.path), None, None, "", f"cannot read ({e})")]) from None
+        try:
+            docs = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+        except yaml.MarkedYAMLError as e:
+            mark = e.problem_mark or e.context_mark
+            msg = " ".join(x for x in (e.context, e.problem) if x) or str(e)
+            raise ConfigError([Problem(str(self.path), mark.line + 1 if mark else None,
+                                       mark.column + 1 if mark else None, "", f"YAML syntax: {msg}")]) from None
+        except yaml.YAMLError as e:
+            raise ConfigError([Problem(str(self.path), None, None, "", f"YAML: {e}")]) from None
+        if len(docs) != 1 or docs[0] is None:
+            raise ConfigError([Problem(str(self.path), 1, 1, "", "must hold exactly one YAML document "
+                                       "with 'rules' (and optionally 'settings' and 'defaults')")])
+        root = docs[0]
+        top = self.mapping(root, "", TOP_KEYS)
+        if top is None:
+            raise ConfigError(self.problems)
+        settings = self.settings(top.get("settings"))
+        base_params, defaults = self.defaults(top.get("defaults"))
+        rules = self.rules(top.get("rules"), root, base_params, settings)
+        if self.problems:
+            raise ConfigError(self.problems)
+        return Config(self.path, settings, tuple(rules), defaults)
+
+    # -- node helpers --
+    def mapping(self, node, key: str, allowed: Iterable[str] | None) -> dict | None:
+        """{name: (key_node, value_node)}; unknown and duplicate keys are problems."""
+        if not isinstance(node, yaml.MappingNode):
+            self.problem(node, key or "(top level)", f"must be a mapping, got {_kind(node)}")
+            return None
+        out = {}
+        allowed = None if allowed is None else tuple(allowed)
+        for knode, vnode in node.value:
+            if not isinstance(knode, yaml.ScalarNode) or knode.tag != "tag:yaml.org,2002:str":
+                self.problem(knode, key or "(top level)", "keys must be plain names")
+                continue
+            name = knode.value
+            full = f"{key}.{name}" if key else name
+            if name in out:
+                self.problem(knode, full, "duplicate key (the first one is on line "
+                                          f"{out[name][0].start_mark.line + 1})")
+                continue
+            if allowed is not None and name not in allowed:
+                self.problem(knode, full, f"unknown key (known: {', '.join(allowed)})")
+                continue
+            out[name] = (knode, vnode)
+        return out
+
+    def value(self, node, key: str) -> Any:
+        try:
+            return yaml.constructor.SafeConstructor().construct_document(node)
+        except yaml.YAMLError as e:
+            self.problem(node, key, f"cannot read value ({e})")
+            return _BAD
+
+    def scalar(self, entry, key: str, kind, check=None, allow_none=False):
+        """The value of a (key_node, value_node) entry if it has the right type (and passes `check`)."""
+        _, vnode = entry
+        v = self.value(vnode, key)
+        if v is _BAD:
+            return _BAD
+        if v is None and allow_none:
+            return None
+        ok = isinstance(v, kind) and not (kind in (int, float, (int, float)) and isinstance(v, bool))
+        if not ok:
+            self.problem(vnode, key, f"must be {_kind_name(kind)}, got {_show(v)}")
+            return _BAD
+        if check is not None:
+            msg = check(v)
+            if msg:
+                self.problem(vnode, key, msg)
+                return _BAD
+        return v
+
+    def str_list(self, entry, key: str, nonempty=True) -> tuple[str, ...] | Any:
+        _, vnode = entry
+        v = self.value(vnode, key)
+        if v is _BAD:
+            return _BAD
+        if isinstance(v, str):
+            v = [v]
+        if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v) or (nonempty and not v):
+            self.problem(vnode, key, f"must be a string or a list of strings, got {_show(v)}")
+            return _BAD
+        return tuple(v)
+
+    def resolve(self, p: str) -> Path:
+        q = Path(os.path.expandvars(os.path.expanduser(p)))
+        return Path(os.path.normpath(q if q.is_absolute() else self.base / q))
+
+    # -- sections --
+    def settings(self, entry) -> Settings:
+        values = dict(SETTINGS_DEFAULTS)
+        m = self.mapping(entry[1], "settings", SETTINGS_DEFAULTS) if entry else {}
+        m = m or {}
+        num = (int, float)
+
+        def positive(v):
+            return None if v > 0 else f"must be greater than 0, got {v}"
+
+        def nonneg(v):
+            return None if v >= 0 else f"must be at least 0, got {v}"
+
+        for name, e in m.items():
+            key = f"settings.{name}"
+            if name == "device":
+                devs = self.str_list(e, key)
+                if devs is not _BAD:
+                    for d in devs:
+                        try:
+                            StyleParams.from_mapping({"device": d})
+                        except ParamError as err:
+                            self.problem(e[1], key, err.message.partition(": ")[2])
+                    if "auto" in devs and len(devs) > 1:
+                        self.problem(e[1], key, "'auto' cannot be combined with other devices")
+                    values[name] = devs
+            elif name == "journal":
+                v = self.scalar(e, key, str, allow_none=True)
+                values[name] = None if v in (None, _BAD) else self.resolve(v)
+            elif name == "socket":
+                v = self.scalar(e, key, str, allow_none=True)
+                values[name] = None if v is None else ("default" if v in (_BAD, "default") else self.resolve(v))
+            elif name == "socket_group":
+                v = self.scalar(e, key, str, allow_none=True)
+                values[name] = None if v is _BAD else v
+            elif name == "log_level":
+                v = self.scalar(e, key, str, lambda v: None if v in LOG_LEVELS else
+                                f"must be one of {', '.join(LOG_LEVELS)}, got {v!r}")
+                values[name] = SETTINGS_DEFAULTS[name] if v is _BAD else v
+            elif name == "reload_on_change":
+                v = self.scalar(e, key, bool)
+                values[name] = False if v is _BAD else v
+            elif name == "max_attempts":
+                v = self.scalar(e, key, int, lambda v: None if v >= 1 else f"must be at least 1, got {v}")
+                values[name] = SETTINGS_DEFAULTS[name] if v is _BAD else v
+            else:  # seconds
+                v = self.scalar(e, key, num, nonneg if name in ("settle", "stop_timeout") else positive)
+                values[name] = SETTINGS_DEFAULTS[name] if v is _BAD else float(v)
+        devices = values.pop("device")
+        return Settings(devices=(devices,) if isinstance(devices, str) else tuple(devices), **values)
+
+    def defaults(self, entry) -> tuple[StyleParams, dict]:
+        if not entry:
+            return StyleParams(), {}
+        m = self.mapping(entry[1], "defaults", None)
+        if m is None:
+            return StyleParams(), {}
+        return self.params(m, "defaults", None, entry[1]), {k: self.value(v, k) for k, (_, v) in m.items()}
+
+    def params(self, m: dict, key: str, base: StyleParams | None, node, fallback: dict | None = None) -> StyleParams:
+        """Validate engine parameters with StyleParams.from_mapping, one key at a time, then together."""
+        raw = {}
+        bad = False
+        for name, (knode, vnode) in m.items():
+            v = self.value(vnode, f"{key}.{name}")
+            if v is _BAD:
+                bad = True
+                continue
+            try:
+                StyleParams.from_mapping({name: v}, base=base)
+            except ParamError as e:
+                bad = True
+                unknown = "unknown parameter" in e.message
+                self.problem(knode if unknown else vnode, f"{key}.{name}", e.message.partition(": ")[2] or e.message)
+                continue
+            raw[name] = v
+        if bad:
+            return base or StyleParams()
+        try:
+            return StyleParams.from_mapping(raw, base=base)
+        except ParamError as e:
+            root = e.field.split(".")[0]
+            where = next((n for n in m if n.replace("-", "_") == root), None)
+            if where is not None:
+                self.problem(m[where][1], f"{key}.{where}", e.message.partition(": ")[2] or e.message)
+            elif fallback and (d := next((n for n in fallback if n.replace("-", "_") == root), None)):
+                self.problem(fallback[d][1], f"defaults.{d}", e.message.partition(": ")[2] or e.message)
+            else:
+                self.problem(node, f"{key}.{e.field}", e.message.partition(": ")[2] or e.message)
+            return base or StyleParams()
+
+    def rules(self, entry, root, base: StyleParams, settings: Settings) -> list[Rule]:
+        if entry is None:
+            self.problem(root, "rules", "missing: give at least one rule")
+            return []
+        knode, seq = entry
+        if not isinstance(seq, yaml.SequenceNode) or not seq.value:
+            self.problem(seq, "rules", f"must be a non-empty list of rules, got {_kind(seq)}")
+            return []
+        defaults_map = None
+        if isinstance(root, yaml.MappingNode):
+            for k, v in root.value:
+                if getattr(k, "value", None) == "defaults" and isinstance(v, yaml.MappingNode):
+                    defaults_map = {kk.value: (kk, vv) for kk, vv in v.value if isinstance(kk, yaml.ScalarNode)}
+        out, names = [], {}
+        for i, node in enumerate(seq.value):
+            rule = self.rule(node, i, base, settings, defaults_map)
+            if rule is None:
+                continue
+            if rule.name in names:
+                self.problem(node, f"rules[{i}].rule", f"duplicate rule name {rule.name!r} (also rules[{names[rule.name]}])")
+                continue
+            names[rule.name] = i
+            out.append(rule)
+        self.overlaps(out, seq)
+        return out
+
+    def rule(self, node, i: int, base: StyleParams, settings: Settings, defaults_map) -> Rule | None:
+        m = self.mapping(node, f"rules[{i}]", RULE_KEYS)
+        if m is None:
+            return None
+        key = f"rules[{i}]"
+        name = None
+        if "rule" not in m:
+            self.problem(node, f"{key}.rule", "missing: every rule needs a name (rule: NAME)")
+        else:
+            name = self.scalar(m["rule"], f"{key}.rule", str, lambda v: None if _RULE_NAME.match(v) else
+                               "must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+            if name is not _BAD:
+                key = f"rules.{name}"
+        ok = name not in (None, _BAD)
+        for req in ("watch", "style", "output"):
+            if req not in m:
+                self.problem(node, f"{key}.{req}", "missing")
+                ok = False
+        v = {k: RULE_DEFAULTS[k] for k in RULE_DEFAULTS}
+        for k in ("include", "exclude"):
+            if k in m:
+                r = self.str_list(m[k], f"{key}.{k}", nonempty=(k == "include"))
+                ok &= r is not _BAD
+                v[k] = r
+        for k in ("recursive", "keep_inputs", "create"):
+            if k in m:
+                r = self.scalar(m[k], f"{key}.{k}", bool)
+                ok &= r is not _BAD
+                v[k] = r
+        if "name" in m:
+            r = self.scalar(m["name"], f"{key}.name", str, check_template)
+            ok &= r is not _BAD
+            v["name"] = r
+        if "on_collision" in m:
+            r = self.scalar(m["on_collision"], f"{key}.on_collision", str, lambda x: None if x in COLLISIONS
+                            else f"must be one of {', '.join(COLLISIONS)}, got {x!r}")
+            ok &= r is not _BAD
+            v["on_collision"] = r
+        for k in ("processed", "failed"):
+            if k in m:
+                r = self.scalar(m[k], f"{key}.{k}", str, lambda x: None if x.strip() and ".." not in Path(x).parts
+                                else "must be a folder name (relative to each watched folder) or an absolute path")
+                ok &= r is not _BAD
+                v[k] = r
+        if "poll" in m:
+            _, pnode = m["poll"]
+            pv = self.value(pnode, f"{key}.poll")
+            if pv is True or pv is False or pv == "auto":
+                v["poll"] = {True: "always", False: "never"}.get(pv, "auto")
+            else:
+                self.problem(pnode, f"{key}.poll", f"must be auto, true or false, got {_show(pv)}")
+                ok = False
+        create = v["create"] is True
+        watch: list[Path] = []
+        if "watch" in m:
+            r = self.str_list(m["watch"], f"{key}.watch")
+            if r is _BAD:
+                ok = False
+            else:
+                for p in r:
+                    d = self.resolve(p)
+                    if not d.is_dir() and not (create and not d.exists()):
+                        what = "is not a folder" if d.exists() else "no such folder (create it, or set create: true)"
+                        self.problem(m["watch"][1], f"{key}.watch", f"{d}: {what}")
+                        ok = False
+                    watch.append(d)
+                if name not in (None, _BAD):
+                    self.watch_nodes[name] = m["watch"][1]
+                if len(set(watch)) != len(watch):
+                    self.problem(m["watch"][1], f"{key}.watch", "a folder is listed twice")
+                    ok = False
+        styles: list[Path] = []
+        style_hashes: list[str] = []
+        if "style" in m:
+            r = self.str_list(m["style"], f"{key}.style")
+            if r is _BAD:
+                ok = False
+            else:
+                for p in r:
+                    f = self.resolve(p)
+                    msg = self.check_style(f)
+                    if msg:
+                        self.problem(m["style"][1], f"{key}.style", msg)
+                        ok = False
+                    else:
+                        style_hashes.append(file_hash(f) if f.exists() else "")
+                    styles.append(f)
+        output = None
+        if "output" in m:
+            r = self.scalar(m["output"], f"{key}.output", str)
+            if r is _BAD:
+                ok = False
+            else:
+                output = self.resolve(r)
+                if output.exists() and not output.is_dir():
+                    self.problem(m["output"][1], f"{key}.output", f"{output}: is not a folder")
+                    ok = False
+                elif output in watch:
+                    self.problem(m["output"][1], f"{key}.output", "must not be a watched folder (outputs would be taken as inputs)")
+                    ok = False
+        params = base
+        if "params" in m:
+            pm = self.mapping(m["params"][1], f"{key}.params", None)
+            if pm is None:
+                ok = False
+            else:
+                n_before = len(self.problems)
+                params = self.params(pm, f"{key}.params", base, m["params"][1], defaults_map)
+                ok &= len(self.problems) == n_before
+        if ok and params.device != "auto" and "auto" not in settings.devices and params.device not in settings.devices:
+            where = m["params"][1] if "params" in m else node
+            self.problem(where, f"{key}.params.device", f"{params.device!r} is not one of the daemon's devices "
+                                                        f"({', '.join(settings.devices)}; settings.device)")
+            ok = False
+        if ok and not styles and params.style_weight > 0:
+            self.problem(m["style"][1], f"{key}.style", "give at least one style image")
+            ok = False
+        if ok and params.style_blend is not None and len(params.style_blend) != len(styles):
+            self.problem(m["params"][1], f"{key}.params.style_blend",
+                         f"has {len(params.style_blend)} weights for {len(styles)} style images")
+            ok = False
+        if not ok:
+            return None
+        pixel_params = {k: val for k, val in params.to_mapping().items() if k != "device"}
+        version = hashlib.sha256(json.dumps({"params": pixel_params, "styles": style_hashes},
+                                            sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return Rule(
+            name=name, watch=tuple(watch), include=tuple(v["include"]), exclude=tuple(v["exclude"]),
+            recursive=v["recursive"], styles=tuple(styles), params=params, output=output,
+            template=v["name"], on_collision=v["on_collision"], keep_inputs=v["keep_inputs"],
+            processed=v["processed"], failed=v["failed"], poll=v["poll"], create=create,
+            version=version, line=node.start_mark.line + 1,
+        )
+
+    def check_style(self, f: Path) -> str | None:
+        if not f.exists():
+            return f"{f}: no such style image"
+        if not f.is_file():
+            return f"{f}: is not a file"
+        if not self.check_styles:
+            return None
+        from nst_core.images import load_image
+
+        try:
+            load_image(f)
+        except NSTError as e:
+            return e.message
+        except Exception as e:  # noqa: BLE001 - any decoder failure is a bad style image
+            return f"{f}: cannot read image ({e})"
+        return None
+
+    def overlaps(self, rules: list[Rule], seq) -> None:
+        """Watched folders of different rules must not overlap (a file belongs to one rule)."""
+        seen: list[tuple[Path, Rule]] = []
+        for rule in rules:
+            for d in rule.watch:
+                for other_d, other in seen:
+                    if d == other_d:
+                        msg = f"{d} is also watched by rule {other.name!r}"
+                    elif other.recursive and _inside(d, other_d):
+                        msg = f"{d} is inside {other_d}, which rule {other.name!r} watches recursively"
+                    elif rule.recursive and _inside(other_d, d):
+                        msg = f"{other_d} (rule {other.name!r}) is inside {d}, which this rule watches recursively"
+                    else:
+                        continue
+                    self.problem(self.watch_nodes.get(rule.name), f"rules.{rule.name}.watch", msg)
+                seen.append((d, rule))
+
+
+# ---- describing (--check-config) -----------------------------------------------------------------
+
+
+def describe(config: Config, env=None) -> str:
+    """What each rule would do, for people (nst-daemon --check-config)."""
+    from .watch import fs_type, network_fs
+
+    s = config.settings
+    sock = s.socket_path(env)
+    lines = [f"config {config.path}: {len(config.rules)} rule(s), valid",
+             f"  devices: {', '.join(s.devices)}; journal: {s.journal_path(env)}",
+             f"  job service socket: {sock if sock else 'off'}"
+             + (f" (group {s.socket_group}, 0660)" if sock and s.socket_group else " (0600)" if sock else ""),
+             f"  scan every {s.scan_interval:g}s; settle {s.settle:g}s; max attempts {s.max_attempts}; "
+             f"reload on change: {'yes' if s.reload_on_change else 'no (SIGHUP)'}"]
+    for r in config.rules:
+        lines.append(f"rule {r.name} (version {r.version}):")
+        for d in r.watch:
+            fst = fs_type(d) if d.exists() else "?"
+            how = "polled" if r.poll == "always" or (r.poll == "auto" and network_fs(fst)) else "inotify events"
+            state = "" if d.exists() else " (will be created)"
+            lines.append(f"  watches {d}{state}{' recursively' if r.recursive else ''} [{fst}, {how}]")
+        lines.append(f"  takes {', '.join(r.include)}" + (f" except {', '.join(r.exclude)}" if r.exclude else ""))
+        lines.append(f"  style {', '.join(str(p) for p in r.styles) or '(none)'}")
+        lines.append(f"  params {r.describe_params()}")
+        example = r.output_name(Path("photo.jpg"))
+        lines.append(f"  writes {r.output / example} for photo.jpg (on collision: {r.on_collision})")
+        if r.keep_inputs:
+            lines.append(f"  leaves inputs in place; failures get a sidecar in {r.failed_dir(r.watch[0])}")
+        else:
+            lines.append(f"  then moves inputs to {r.processed_dir(r.watch[0])}, failures to {r.failed_dir(r.watch[0])}")
+    return "\n".join(lines)
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+
+_BAD = object()
+
+
+def file_hash(path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's bytes, hex."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def _under(root: Path, folder: str) -> Path:
+    p = Path(os.path.expanduser(folder))
+    return p if p.is_absolute() else root / p
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    try:
+        child.relative_to(parent)
+        return child != parent
+    except ValueError:
+        return False
+
+
+def _kind(node) -> str:
+    if node is None:
+        return "nothing"
+    if isinstance(node, yaml.MappingNode):
+        return "a mapping"
+    if isinstance(node, yaml.SequenceNode):
+        return "a list"
+    return repr(node.value) if node.value != "" else "an empty value"
+
+
+def _kind_name(kind) -> str:
+    names = {str: "a string", bool: "true or false", int: "a whole number", (int, float): "a number"}
+    return names.get(kind, str(kind))
+
+
+def _show(v) -> str:
+    if v is None:
+        return "nothing"
+    return repr(v)
+
+
+def _short(v) -> str:
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}:{w:g}" for k, w in v.items()) + "}"
+    return repr(v) if isinstance(v, str) else str(v)

@@ -1,0 +1,593 @@
+"""`nst-daemon`: the hot-folder daemon, run by systemd (Type=notify-reload) or by hand.
+
+    nst-daemon --config FILE                 run
+    nst-daemon --config FILE --check-config  validate; print what each rule would do (exit 0, or 2)
+    nst-daemon --config FILE --dry-run       list the files it would process now
+
+One process: rules and watchers, the journal, one folder worker per device, and the local job
+service socket, all on one shared `Scheduler`, so GIMP's interactive jobs run before folder
+(batch) jobs on the same warm engine. Logs go to stdout with journald's <N> level prefixes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import fcntl
+import glob
+import hashlib
+import logging
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from nst_core.errors import NSTError
+
+from .config import Config, ConfigError, Rule, describe, file_hash, load_config
+from .journal import Identity, Job, Journal
+from .notify import Notifier
+from .watch import Settler, Watcher, scan
+from .worker import Item, JobQueue, Running, Stats, Worker, finish_input, free_name, write_sidecar, _move, _relative
+
+log = logging.getLogger("nst-daemon")
+
+# ---- logging: one line per record, each line with its journald priority --------------------------
+
+_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+
+class JournaldFormatter(logging.Formatter):
+    """``<6>message``: journald reads the priority from the prefix of every stdout line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        if record.name != "nst-daemon":
+            text = f"{record.name.rsplit('.', 1)[-1]}: {text}"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        prio = _PRIORITY.get(record.levelno, 6 if record.levelno < logging.WARNING else 3)
+        return "\n".join(f"<{prio}>{line}" for line in text.splitlines() or [""])
+
+
+def setup_logging(level: str) -> None:
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(JournaldFormatter())
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+
+
+class RuleError(NSTError):
+    """A rule's style image cannot be used at job time (changed or removed since the config was read)."""
+
+    kind = "rule"
+
+
+# ---- the daemon ----------------------------------------------------------------------------------
+
+
+class Daemon:
+    """Everything the running daemon holds; also the context its folder workers use."""
+
+    def __init__(self, config: Config, *, instance: str = "main", devices=None, socket="config", env=None):
+        self.config = config
+        self.env = os.environ if env is None else env
+        self.owner = instance
+        self.devices = tuple(devices) if devices else config.settings.devices
+        self.socket_path = config.settings.socket_path(self.env) if socket == "config" else socket
+        self.notifier = Notifier(self.env)
+        self.queue = JobQueue()
+        self.settler = Settler(config.settings.settle)
+        self.stats = Stats()
+        self.running: dict[int, Running] = {}
+        self.stopping = threading.Event()
+        self.stop_deadline = math.inf
+        self.names_lock = threading.Lock()
+        self.reserved: set[Path] = set()
+        self.journal: Journal | None = None
+        self.scheduler = None
+        self.server = None
+        self.watcher: Watcher | None = None
+        self.workers: list[Worker] = []
+        self.server_name = "neural-style"
+        self._wake = threading.Event()
+        self._reload_requested = False
+        self._stop_requested = False
+        self._blocked: dict[str, tuple[str, float]] = {}
+        self._style_cache: dict[tuple, object] = {}
+        self._style_lock = threading.Lock()
+        self._later: set[Path] = set()
+        self._lock_fd: int | None = None
+        self._status_dirty = True
+        self._last_status = ""
+        self._config_sig = _file_sig(config.path)
+        self.ready_at: float | None = None
+
+    # -- context for workers --
+    def changed(self) -> None:
+        self._status_dirty = True
+
+    def rediscover(self, path: Path) -> None:
+        owner = self.config.owner(path)
+        if owner is not None:
+            self.settler.add(path, owner[0].name, owner[1])
+            self._wake.set()
+
+    def block(self, rule: str, message: str) -> None:
+        if rule not in self._blocked:
+            log.error("rule %s: %s; its files wait (retried in %gs, or at a reload)", rule, message,
+                      self.config.settings.scan_interval)
+        self._blocked[rule] = (message, time.monotonic() + self.config.settings.scan_interval)
+        self.queue.drop(lambda i: i.rule != rule)
+        self.changed()
+
+    def blocked_reason(self, rule: str) -> str | None:
+        b = self._blocked.get(rule)
+        return b[0] if b else None
+
+    def styles(self, rule: Rule) -> list:
+        from nst_core.images import load_image
+
+        out = []
+        for p in rule.styles:
+            try:
+                st = os.stat(p)
+            except OSError as e:
+                raise RuleError(f"rule {rule.name}: style image {p}: {e.strerror or e}") from None
+            key = (str(p), st.st_size, st.st_mtime_ns)
+            with self._style_lock:
+                pic = self._style_cache.get(key)
+            if pic is None:
+                try:
+                    pic = load_image(p)
+                except NSTError as e:
+                    raise RuleError(f"rule {rule.name}: style image: {e.message}") from None
+                with self._style_lock:
+                    self._style_cache[key] = pic
+            out.append(pic)
+        return out
+
+    # -- lifecycle --
+    def start(self) -> None:
+        """Open the journal, recover, start the engine, the socket, the watchers and the workers."""
+        from nst_core.service.scheduler import Scheduler
+        from nst_core.service.server import ServiceServer, server_name
+
+        s = self.config.settings
+        self.server_name = server_name()
+        jpath = s.journal_path(self.env)
+        self._lock_instance(jpath)
+        self.journal = Journal(jpath)
+        self.recover()
+        self.scheduler = Scheduler(devices=self.devices)
+        self.scheduler.start()
+        if self.socket_path is not None:
+            self.server = ServiceServer(str(self.socket_path), self.scheduler,
+                                        mode=0o660 if s.socket_group else 0o600, group=s.socket_group,
+                                        owns_scheduler=False)
+            self.server.start()
+        self._start_watching()
+        self.workers = [Worker(self, i) for i in range(max(1, len(self.scheduler.devices)))]
+        for w in self.workers:
+            w.start()
+        self.scan_all()
+        self._last_scan = time.monotonic()
+        self.ready_at = time.monotonic()
+        log.info("ready: %d rule(s), devices %s, journal %s, socket %s", len(self.config.rules),
+                 ", ".join(self.scheduler.devices), jpath, self.socket_path or "off")
+        self.notifier.ready(self.status_text())
+
+    def _lock_instance(self, jpath: Path) -> None:
+        jpath.parent.mkdir(parents=True, exist_ok=True)
+        lock = jpath.with_name(f"{jpath.name}.{self.owner}.lock")
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise NSTError(f"another nst-daemon (instance {self.owner!r}) is using the journal {jpath}; "
+                           "run one per instance name (--instance)") from None
+        self._lock_fd = fd
+
+    def recover(self) -> None:
+        """Jobs this instance was running when it died: done if their output is there, else queued again."""
+        for job in self.journal.running(self.owner):
+            out = Path(job.out_path) if job.out_path else None
+            now = Identity.at(out) if out else None
+            if now is not None and now != job.out_prior:
+                self.journal.done(job.id, out, note="output found after a restart")
+                log.info("%s: its output %s was written before the daemon stopped; done", job.in_path, out)
+            else:
+                self.journal.requeue(job.id, count_attempt=True)
+                log.warning("%s: was running when the daemon stopped (attempt %d); queued again",
+                            job.in_path, job.attempts)
+            if out is not None:
+                for tmp in glob.glob(os.path.join(glob.escape(str(out.parent)), f".{glob.escape(out.name)}.*.tmp")):
+                    try:
+                        os.unlink(tmp)
+                    except OSError:
+                        pass
+
+    def _start_watching(self) -> None:
+        for rule in self.config.rules:
+            for root in rule.watch:
+                if rule.create and not root.exists():
+                    root.mkdir(parents=True, exist_ok=True)
+                    log.info("rule %s: created %s", rule.name, root)
+        self.watcher = Watcher(self.config, self._on_event, self._on_dir, self.config.settings.poll_interval)
+        self.watcher.start()
+        for root, mode in self.watcher.modes.items():
+            log.info("watching %s (%s)", root, mode)
+
+    def _on_event(self, path: Path) -> None:
+        owner = self.config.owner(path)
+        if owner is not None:
+            self.settler.add(path, owner[0].name, owner[1])
+            self._wake.set()
+
+    def _on_dir(self, path: Path) -> None:
+        for rule in self.config.rules:
+            for root in rule.watch:
+                if rule.recursive and (path == root or root in path.parents):
+                    for p in scan(rule, path if path != root else root):
+                        if rule.accepts(root, p):
+                            self.settler.add(p, rule.name, root)
+        self._wake.set()
+
+    def scan_all(self) -> None:
+        t0, n = time.perf_counter(), 0
+        now = time.monotonic()
+        for name, (_, until) in list(self._blocked.items()):
+            if until <= now:
+                del self._blocked[name]
+        later, self._later = self._later, set()
+        for p in later:
+            self.rediscover(p)
+        for rule in self.config.rules:
+            if rule.name in self._blocked:
+                continue
+            for root in rule.watch:
+                if not root.is_dir():
+                    log.warning("rule %s: watched folder %s is missing", rule.name, root)
+                    continue
+                for p in scan(rule, root):
+                    self.settler.add(p, rule.name, root)
+                    n += 1
+        self.stats.add("scan", time.perf_counter() - t0, n)
+        self._wake.set()
+
+    def consider(self, path: Path, st: os.stat_result) -> None:
+        """A settled file: find or create its job, then queue it, finish it, or leave it."""
+        owner = self.config.owner(path)
+        if owner is None:
+            return
+        rule, root = owner
+        if rule.name in self._blocked:
+            return
+        ident = Identity.of(st)
+        journal = self.journal
+        t0 = time.perf_counter()
+        job = journal.by_input(path, ident)
+        self.stats.add("journal", time.perf_counter() - t0, 0)
+        if job is not None and (job.rule != rule.name or job.rule_version != rule.version):
+            job = None
+        if job is None:
+            t0 = time.perf_counter()
+            key = content_key(path, st)
+            self.stats.add("hash", time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            job = journal.find(key, rule.name, rule.version) or journal.add(key, rule.name, rule.version, path, ident)
+            self.stats.add("journal", time.perf_counter() - t0)
+        item = Item(job.id, path, rule.name, rule.version, root)
+        same = job.same_input(path, ident)
+        if job.state == "queued":
+            if not same:
+                if Identity.at(job.in_path) is not None and job.in_path != str(path):
+                    self._later.add(path)  # the same content is waiting under another name
+                    return
+                journal.retry(job.id, path, ident, "queued")  # renamed before it ran
+            self.queue.put(item)
+            self.changed()
+        elif job.state == "running":
+            if not self.queue.in_flight(job.id) and job.owner != self.owner:
+                self._later.add(path)  # another instance runs it
+        elif job.state == "done":
+            if same:
+                finish_input(self, job, item, rule, ok=True)  # a leftover from a crash
+            elif not rule.keep_inputs:
+                self._duplicate(job, item, rule)
+        elif job.state == "failed":
+            if same:
+                if not rule.keep_inputs:
+                    finish_input(self, job, item, rule, ok=False)
+            else:
+                journal.retry(job.id, path, ident, "failed")  # dropped again: try again
+                self.queue.put(item)
+                self.changed()
+
+    def _duplicate(self, job: Job, item: Item, rule: Rule) -> None:
+        dest = free_name(rule.processed_dir(item.root) / _relative(item.path, item.root), set())
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            _move(item.path, dest)
+            log.info("%s: same content as %s, already done (%s); moved to %s", item.path, job.in_path,
+                     job.out_path or job.note, dest)
+        except OSError as e:
+            log.error("%s: cannot move it to %s: %s", item.path, dest, e)
+
+    def serve(self) -> None:
+        """The main loop: signals, settled files, scans, reloads, watchdog and status, until stopped."""
+        s = self.config.settings
+        last_ready = last_status = last_wd = last_cfg = 0.0
+        while not self._stop_requested:
+            self._wake.wait(0.25)
+            self._wake.clear()
+            now = time.monotonic()
+            if self._reload_requested:
+                self._reload_requested = False
+                self.reload()
+                s = self.config.settings
+            if self._stop_requested:
+                break
+            if now - last_ready >= min(0.25, max(0.02, s.settle / 8)):
+                last_ready = now
+                for path, pending, st in self.settler.ready(self._trust_ctime):
+                    try:
+                        self.consider(path, st)
+                    except Exception:
+                        log.exception("%s: cannot queue it", path)
+            if now - self._last_scan >= s.scan_interval:
+                self._last_scan = now
+                self.scan_all()
+            if s.reload_on_change and now - last_cfg >= 1.0:
+                last_cfg = now
+                sig = _file_sig(self.config.path)
+                if sig != self._config_sig and sig is not None:
+                    log.info("%s changed; reloading", self.config.path)
+                    self.reload()
+                    s = self.config.settings
+            wd = self.notifier.watchdog_interval
+            if wd and now - last_wd >= wd / 3:
+                last_wd = now
+                if self.healthy():
+                    self.notifier.watchdog()
+            if (self._status_dirty or now - last_status >= 5) and now - last_status >= 1.0:
+                last_status = now
+                self._status_dirty = False
+                text = self.status_text()
+                if text != self._last_status:
+                    self._last_status = text
+                    self.notifier.status(text)
+
+    def _trust_ctime(self, root: Path) -> bool:
+        return self.watcher is None or self.watcher.modes.get(root) != "polled"
+
+    def healthy(self) -> bool:
+        """Idle, or every running job made progress within stall_timeout (feeds systemd's watchdog)."""
+        now = time.monotonic()
+        limit = self.config.settings.stall_timeout
+        return all(now - r.last_progress < limit for r in list(self.running.values()))
+
+    def status_text(self) -> str:
+        running = [f"{r.item.path.name} ({r.item.rule}) step {r.step}/{r.total}" for r in list(self.running.values())]
+        c = self.stats.counts
+        text = f"{len(self.queue)} queued, {len(self.settler)} settling; "
+        text += ("running " + ", ".join(running)) if running else "idle"
+        text += f"; {c.get('done', 0)} done, {c.get('failed', 0)} failed since start"
+        if self._blocked:
+            text += "; waiting: " + "; ".join(f"{k}: {m}" for k, (m, _) in self._blocked.items())
+        return text
+
+    def request_reload(self) -> None:
+        self._reload_requested = True
+        self._wake.set()
+
+    def request_stop(self) -> None:
+        self._stop_requested = True
+        self._wake.set()
+
+    def reload(self) -> bool:
+        """Read the config again; on any error keep the running rules. Returns whether it changed."""
+        self.notifier.reloading()
+        path = self.config.path
+        self._config_sig = _file_sig(path)
+        try:
+            new = load_config(path)
+        except ConfigError as e:
+            log.error("reload of %s failed; keeping the rules in use:\n%s", path, e.message)
+            self.notifier.ready(self.status_text())
+            return False
+        old = self.config
+        fixed = ("devices", "journal", "socket", "socket_group")
+        kept = {k: getattr(old.settings, k) for k in fixed}
+        moved = [k for k in fixed if getattr(new.settings, k) != kept[k]]
+        if moved:
+            log.warning("reload: %s change(s) need a restart; keeping the values in use", ", ".join(moved))
+        new = dataclasses.replace(new, settings=dataclasses.replace(new.settings, **kept))
+        if self.watcher is not None:
+            self.watcher.stop()
+        self.config = new
+        logging.getLogger().setLevel(new.settings.log_level.upper())
+        self.settler.settle = new.settings.settle
+        self.settler.clear()
+        versions = {r.name: (r.version, r.watch) for r in new.rules}
+        gone = self.queue.drop(lambda i: versions.get(i.rule, (None,))[0] == i.version and i.root in versions[i.rule][1])
+        for item in gone:
+            self.journal.forget(item.job_id)
+        self._blocked.clear()
+        self._start_watching()
+        self.scan_all()
+        self._last_scan = time.monotonic()
+        names_old = {r.name: r.version for r in old.rules}
+        changes = [f"{r.name} ({'new' if r.name not in names_old else 'changed' if names_old[r.name] != r.version else 'same'})"
+                   for r in new.rules]
+        log.info("reloaded %s: %s", path, ", ".join(changes))
+        self.notifier.ready(self.status_text())
+        self.changed()
+        return True
+
+    def shutdown(self) -> None:
+        """Stop: no new jobs; the running ones finish within stop_timeout or go back to the queue."""
+        s = self.config.settings
+        self.stopping.set()
+        self.stop_deadline = time.monotonic() + s.stop_timeout
+        busy = [r.item.path.name for r in list(self.running.values())]
+        self.notifier.stopping(f"stopping; {'finishing ' + ', '.join(busy) if busy else 'idle'}")
+        log.info("stopping%s", f" (finishing {', '.join(busy)}, at most {s.stop_timeout:g}s)" if busy else "")
+        if self.watcher is not None:
+            self.watcher.stop()
+        self.queue.close()
+        if self.server is not None:
+            self.server.stop(timeout=5)
+        for w in self.workers:
+            w.join(s.stop_timeout + 15)
+        if self.scheduler is not None:
+            self.scheduler.stop(cancel_running=True, timeout=10)
+        if self.journal is not None:
+            self.journal.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        c = self.stats.counts
+        log.info("stopped (%d done, %d failed since start)", c.get("done", 0), c.get("failed", 0))
+
+    def run(self) -> int:
+        """start, serve until SIGTERM/SIGINT (SIGHUP reloads), shut down; the exit status."""
+        signal.signal(signal.SIGTERM, lambda *_: self.request_stop())
+        signal.signal(signal.SIGINT, lambda *_: self.request_stop())
+        signal.signal(signal.SIGHUP, lambda *_: self.request_reload())
+        try:
+            self.start()
+        except NSTError as e:
+            log.error("cannot start: %s", e.message)
+            self.shutdown()
+            return 2
+        try:
+            self.serve()
+        finally:
+            self.shutdown()
+        return 0
+
+
+def content_key(path: Path, st: os.stat_result) -> str:
+    """The content hash that keys a job (links and unreadable files get keys of their own)."""
+    import stat as _stat
+
+    if _stat.S_ISLNK(st.st_mode):
+        return "link:" + hashlib.sha256(os.fsencode(os.readlink(path))).hexdigest()
+    try:
+        return file_hash(path)
+    except OSError:
+        return f"unreadable:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _file_sig(path: Path):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+# ---- the command -----------------------------------------------------------------------------------
+
+
+def dry_run(config: Config, env=None) -> int:
+    """Print what the daemon would do with the files that are there now; touches nothing."""
+    jpath = config.settings.journal_path(env)
+    journal = Journal(jpath, readonly=True) if jpath.exists() else None
+    n = 0
+    for rule in config.rules:
+        for root in rule.watch:
+            if not root.is_dir():
+                print(f"rule {rule.name}: {root} does not exist{' (created at start)' if rule.create else ''}")
+                continue
+            for p in scan(rule, root):
+                try:
+                    st = os.lstat(p)
+                except OSError:
+                    continue
+                ident = Identity.of(st)
+                job = journal.by_input(p, ident) if journal else None
+                if job is not None and (job.rule != rule.name or job.rule_version != rule.version):
+                    job = None
+                if job is None and journal is not None:
+                    job = journal.find(content_key(p, st), rule.name, rule.version)
+                state = job.state if job else "new"
+                if state in ("new", "queued", "running") or (state == "failed" and not job.same_input(p, ident)):
+                    target = rule.output / rule.output_name(p)
+                    note = ""
+                    if os.path.lexists(target):
+                        note = {"overwrite": " (exists: overwritten)", "skip": " (exists: skipped)",
+                                "number": f" (exists: written as {free_name(target, set()).name})"}[rule.on_collision]
+                    print(f"rule {rule.name}: would process {p} → {target}{note}")
+                    n += 1
+                elif state == "done":
+                    print(f"rule {rule.name}: {p}: done already"
+                          + ("" if rule.keep_inputs else f" (would move it to {rule.processed_dir(root)})"))
+                else:
+                    print(f"rule {rule.name}: {p}: failed already ({(job.error or {}).get('message', '')})")
+    print(f"{n} file(s) to process")
+    if journal:
+        journal.close()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nst-daemon", description="Neural Style hot-folder daemon: stylises the "
+                                "images dropped into watched folders by the rules of a YAML file.")
+    p.add_argument("--config", "-c", default=os.environ.get("NST_DAEMON_CONFIG"),
+                   help="the rule file (default: $NST_DAEMON_CONFIG)")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--check-config", action="store_true",
+                      help="validate the file and print what each rule would do (exit 0, or 2 with the errors)")
+    what.add_argument("--dry-run", action="store_true", help="list the files it would process now, and exit")
+    p.add_argument("--device", help="override settings.device: auto, cpu, cuda:N (comma-separated for several)")
+    p.add_argument("--instance", default="main",
+                   help="this process's name in the journal (one per GPU with the template unit; default main)")
+    p.add_argument("--socket", help="override settings.socket (a path, or 'none' for no job service socket)")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="override settings.log_level")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.config:
+        print("nst-daemon: give the rule file with --config FILE (or $NST_DAEMON_CONFIG)", file=sys.stderr)
+        return 2
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print(e.message, file=sys.stderr)
+        return 2
+    if args.check_config:
+        print(describe(config))
+        return 0
+    if args.dry_run:
+        return dry_run(config)
+    setup_logging(args.log_level or config.settings.log_level)
+    devices = None
+    if args.device:
+        devices = tuple(d.strip() for d in args.device.split(",") if d.strip())
+        from nst_core.params import StyleParams
+
+        try:
+            for d in devices:
+                StyleParams.from_mapping({"device": d})
+        except NSTError as e:
+            print(f"nst-daemon: --device: {e.message}", file=sys.stderr)
+            return 2
+    socket = "config"
+    if args.socket:
+        socket = None if args.socket == "none" else Path(args.socket).absolute()
+    return Daemon(config, instance=args.instance, devices=devices, socket=socket).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
