@@ -20,8 +20,8 @@ Normalisation (the paper's normalised network, always applied to random weights)
 is rescaled so that its mean ReLU activation over the calibration images and positions is 1, and
 the next convolution's input weights are scaled inversely, so every layer computes the same
 features as before up to a positive per-channel factor (ReLU and both poolings commute with it).
-Dead filters (mean 0, or below 1e-4 of their mean |pre-activation|) keep scale 1. Scales are computed once on the full
-network (relu5_4), with the requested pooling, and cached.
+Dead filters (mean 0, or below 1e-4 of their mean |pre-activation|) keep scale 1. Scales are
+computed once on the full network (relu5_4), with the requested pooling, and cached.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def load_network(weights: str, *, pooling: str = "avg", normalize: bool = False,
         name, details = "random", [f"seed {seed}"]
     else:
         path, name, details = _locate(weights, progress)
-        state = read_state_dict(path)
+        state = read_state_dict(path, "relu5_4" if normalize else last)
         key = file_sha256(path) if normalize else ""
     if normalize:
         state = apply_scales(state, normalization_scales(state, pooling, key, device))
@@ -191,18 +191,18 @@ def download(url: str, dest: Path, sha256_prefix: str, progress: bool | Callable
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".partial")
     digest = hashlib.sha256()
+    report, done = None, 0
     try:
         with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as r:
             length = r.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
             report = _progress_reporter(progress, dest.name, total)
-            done = 0
             while chunk := r.read(1 << 20):
                 f.write(chunk)
                 digest.update(chunk)
                 done += len(chunk)
                 report(done)
-            report(done, final=True)
+        report(done, final=True)
         if total is not None and done != total:
             raise WeightsError(f"download incomplete ({done} of {total} bytes)")
         actual = digest.hexdigest()
@@ -212,28 +212,38 @@ def download(url: str, dest: Path, sha256_prefix: str, progress: bool | Callable
             )
         os.replace(tmp, dest)
     except BaseException:
+        if report is not None:
+            report(done, final=True)  # end the progress line before the error is shown
         Path(tmp).unlink(missing_ok=True)
         raise
     _remember_sha256(dest, actual)
 
 
 def _progress_reporter(progress, name: str, total: int | None):
+    """A callable(done, final=False): the caller's callback, nothing, or a bar on stderr.
+
+    On a terminal the bar redraws in place (at most 5 times a second); elsewhere (logs, the
+    journal) it prints a line at every 10%.
+    """
     if callable(progress):
-        return lambda done, final=False: progress(done, total)
+        return lambda done, final=False: None if final else progress(done, total)
     if not progress:
         return lambda done, final=False: None
-    last = [0.0]
+    tty = sys.stderr.isatty()
+    state = {"t": 0.0, "step": -1, "ended": False}
 
     def bar(done: int, final: bool = False) -> None:
-        now = time.monotonic()
-        if not final and now - last[0] < 0.2:
+        if state["ended"]:
             return
-        last[0] = now
-        if total:
-            line = f"\rDownloading {name}: {done / 1e6:.0f}/{total / 1e6:.0f} MB ({100 * done // total}%)"
-        else:
-            line = f"\rDownloading {name}: {done / 1e6:.0f} MB"
-        sys.stderr.write(line + ("\n" if final else ""))
+        now, step = time.monotonic(), (10 * done // total if total else done // 50_000_000)
+        again = now - state["t"] < 0.2 if tty else step == state["step"]
+        state.update(ended=final)
+        if again and not (final and tty):
+            return
+        state.update(t=now, step=step)
+        line = f"Downloading {name}: {done / 1e6:.0f}"
+        line += f"/{total / 1e6:.0f} MB ({100 * done // total}%)" if total else " MB"
+        sys.stderr.write(("\r" + line + ("\n" if final else "")) if tty else line + "\n")
         sys.stderr.flush()
 
     return bar
@@ -272,7 +282,7 @@ def _read_memo() -> dict:
 def _remember_sha256(path: Path, sha256: str, st: os.stat_result | None = None) -> None:
     path = Path(path).resolve()
     st = st or path.stat()
-    memo = _read_memo()
+    memo = {p: v for p, v in _read_memo().items() if os.path.exists(p)}
     memo[str(path)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256}
     try:
         _atomic_write(_memo_path(), json.dumps(memo, indent=1).encode())
@@ -304,12 +314,13 @@ def _expected_shapes() -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """The 16 convolutions' tensors from a VGG-19 state dict file, keyed ``features.N.weight|bias``.
+def read_state_dict(path: Path, last: str = "relu5_4") -> dict[str, torch.Tensor]:
+    """The convolutions up to `last` from a VGG-19 state dict file, keyed ``features.N.weight|bias``.
 
     Accepts torchvision's full state dict (the classifier and anything else is dropped at once), a
-    features-only one, and keys without the ``features.`` prefix. Zip-format files are memory-mapped,
-    so a classifier in them is never read.
+    features-only one, and keys without the ``features.`` prefix. Keys and shapes of all 16
+    convolutions are checked; values (finite) only of those returned. Zip-format files are
+    memory-mapped, so what is not returned (the classifier: 470 MB in torchvision's) is not read.
     """
     path = Path(path)
     try:
@@ -320,6 +331,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise WeightsError(f"{path}: not a readable PyTorch state dict ({reason})") from None
     if not isinstance(loaded, Mapping):
         raise WeightsError(f"{path}: holds a {type(loaded).__name__}, not a state dict")
+    keep = {f"{state_dict_key(c)}.{part}" for c in conv_names(last) for part in ("weight", "bias")}
     out: dict[str, torch.Tensor] = {}
     for key, shape in _expected_shapes().items():
         t = loaded.get(key)
@@ -331,10 +343,11 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             raise WeightsError(f"{path}: {key} is not a floating-point tensor")
         if tuple(t.shape) != shape:
             raise WeightsError(f"{path}: {key} has shape {tuple(t.shape)}, VGG-19 needs {shape}")
-        t = t.to(dtype=torch.float32, copy=True)
-        if not torch.isfinite(t).all():
-            raise WeightsError(f"{path}: {key} holds NaN or infinite values")
-        out[key] = t
+        if key in keep:
+            t = t.float()  # a mapped file is mapped privately: nothing writes back to it
+            if not torch.isfinite(t).all():
+                raise WeightsError(f"{path}: {key} holds NaN or infinite values")
+            out[key] = t
     del loaded
     return out
 
@@ -384,15 +397,15 @@ def _sample_images() -> list[torch.Tensor]:
 
 
 def _synthetic_images() -> list[torch.Tensor]:
-    """The fallback calibration set: three colour fractal-noise images (seed 0), coarse to fine."""
+    """The fallback calibration set: two colour fractal-noise images (seed 0), coarse and fine."""
     g = torch.Generator().manual_seed(0)
     out = []
-    for base in (2, 6, 20):
+    for base in (3, 12):
         acc = torch.zeros(1, 3, CALIBRATION_SIZE, CALIBRATION_SIZE)
         for octave in range(4):
             n = base * 2**octave
             noise = torch.randn(1, 3, n, n, generator=g)
-            acc += 0.5**octave * F.interpolate(noise, size=CALIBRATION_SIZE, mode="bicubic", align_corners=False)
+            acc += 0.6**octave * F.interpolate(noise, size=CALIBRATION_SIZE, mode="bicubic", align_corners=False)
         lo, hi = acc.amin(), acc.amax()
         out.append(((acc - lo) / (hi - lo))[0])
     return out
@@ -444,8 +457,8 @@ def compute_scales(state: Mapping[str, torch.Tensor], pooling: str, images: torc
     """
     net = VGGFeatures(pooling, "relu5_4")
     net.load_state_dict({k: state[k] for k in net.state_dict()})
-    net.to(device)
-    x = (images.to(device) - net.mean) / net.std
+    net.to(device, memory_format=torch.channels_last)  # about 10% faster on CPU
+    x = ((images.to(device) - net.mean) / net.std).contiguous(memory_format=torch.channels_last)
     scales, conv, magnitude = {}, None, None
     for name, layer in zip(net.names, net.features):
         x = layer(x)
