@@ -94,7 +94,8 @@ def _bind(path: str, mode: int, group: str | None):
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ServiceSetupError(f"another Neural Style service is running (or starting) on {path}") from None
+            raise ServiceSetupError(f"a Neural Style service is already running (or starting) on {path}; "
+                                   f"not taking it over") from None
         if os.path.lexists(path):
             if not stat.S_ISSOCK(os.lstat(path).st_mode):
                 raise ServiceSetupError(f"{path} exists and is not a socket; not touching it")
@@ -161,7 +162,7 @@ class ServiceServer:
         self.idle_exit = idle_exit
         self.on_stop = on_stop
         self.owns_scheduler = owns_scheduler
-        self.limits = limits()
+        self.limits: dict = {}
         self._listener = None
         self._lock_fd = None
         self._identity = None
@@ -175,8 +176,18 @@ class ServiceServer:
         self._conn_ids = 0
 
     def start(self) -> None:
-        self.scheduler.start()
+        """Bind (failing fast, before torch loads, when the socket is taken), start the workers."""
         self._listener, self._lock_fd, self._identity = _bind(self.socket_path, self.mode, self.group)
+        try:
+            self.limits = limits()
+            self.scheduler.start()
+        except BaseException:
+            self._listener.close()
+            self._listener = None
+            self._unlink_socket()
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            raise
         self._started_at = self._last_activity = time.monotonic()
         self._accept_thread = threading.Thread(target=self._accept_loop, name="nst-accept", daemon=True)
         self._accept_thread.start()
