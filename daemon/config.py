@@ -56,11 +56,12 @@ RULE_DEFAULTS: dict[str, Any] = {
     "failed": "failed",
     "poll": "auto",
     "create": False,
+    "min_input_side": 16,  # smaller inputs fail: upscaling a 1×1 image would invent every pixel
     "params": {},
 }
 REQUIRED_RULE_KEYS = ("name", "watch", "style", "output")
 RULE_KEYS = ("rule", "watch", "include", "exclude", "recursive", "style", "params", "output", "name",
-             "on_collision", "keep_inputs", "processed", "failed", "poll", "create")
+             "on_collision", "keep_inputs", "processed", "failed", "poll", "create", "min_input_side")
 COLLISIONS = ("overwrite", "number", "skip")
 TOP_KEYS = ("settings", "defaults", "rules")
 TEMPLATE_FIELDS = ("stem", "rule", "style", "ext", "date", "time")
@@ -152,6 +153,7 @@ class Rule:
     failed: str
     poll: str  # "auto", "always", "never"
     create: bool
+    min_input_side: int
     version: str  # changes whenever anything that shapes the output pixels changes
     line: int | None = None
 
@@ -521,7 +523,12 @@ class _Loader:
         return out
 
     def rule(self, node, i: int, base: StyleParams, settings: Settings, defaults_map) -> Rule | None:
-        m = self.mapping(node, f"rules[{i}]", RULE_KEYS)
+        key = f"rules[{i}]"
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                if getattr(k, "value", None) == "rule" and isinstance(v, yaml.ScalarNode) and _RULE_NAME.match(v.value):
+                    key = f"rules.{v.value}"
+        m = self.mapping(node, key, RULE_KEYS)
         if m is None:
             return None
         key = f"rules[{i}]"
@@ -564,6 +571,11 @@ class _Loader:
                                 else "must be a folder name (relative to each watched folder) or an absolute path")
                 ok &= r is not _BAD
                 v[k] = r
+        if "min_input_side" in m:
+            r = self.scalar(m["min_input_side"], f"{key}.min_input_side", int,
+                            lambda x: None if 1 <= x <= 16384 else f"must be between 1 and 16384, got {x}")
+            ok &= r is not _BAD
+            v["min_input_side"] = r
         if "poll" in m:
             _, pnode = m["poll"]
             pv = self.value(pnode, f"{key}.poll")
@@ -629,16 +641,20 @@ class _Loader:
                 n_before = len(self.problems)
                 params = self.params(pm, f"{key}.params", base, m["params"][1], defaults_map)
                 ok &= len(self.problems) == n_before
+        def param_node(field: str):
+            pm_ = self.mapping(m["params"][1], "", None) if "params" in m else None
+            hit = next((e for n, e in (pm_ or {}).items() if n.replace("-", "_") == field), None)
+            return hit[1] if hit else (m["params"][1] if "params" in m else node)
+
         if ok and params.device != "auto" and "auto" not in settings.devices and params.device not in settings.devices:
-            where = m["params"][1] if "params" in m else node
-            self.problem(where, f"{key}.params.device", f"{params.device!r} is not one of the daemon's devices "
+            self.problem(param_node("device"), f"{key}.params.device", f"{params.device!r} is not one of the daemon's devices "
                                                         f"({', '.join(settings.devices)}; settings.device)")
             ok = False
         if ok and not styles and params.style_weight > 0:
             self.problem(m["style"][1], f"{key}.style", "give at least one style image")
             ok = False
         if ok and params.style_blend is not None and len(params.style_blend) != len(styles):
-            self.problem(m["params"][1], f"{key}.params.style_blend",
+            self.problem(param_node("style_blend"), f"{key}.params.style_blend",
                          f"has {len(params.style_blend)} weights for {len(styles)} style images")
             ok = False
         if not ok:
@@ -651,7 +667,7 @@ class _Loader:
             recursive=v["recursive"], styles=tuple(styles), params=params, output=output,
             template=v["name"], on_collision=v["on_collision"], keep_inputs=v["keep_inputs"],
             processed=v["processed"], failed=v["failed"], poll=v["poll"], create=create,
-            version=version, line=node.start_mark.line + 1,
+            min_input_side=v["min_input_side"], version=version, line=node.start_mark.line + 1,
         )
 
     def check_style(self, f: Path) -> str | None:
@@ -707,7 +723,7 @@ def describe(config: Config, env=None) -> str:
     for r in config.rules:
         lines.append(f"rule {r.name} (version {r.version}):")
         for d in r.watch:
-            fst = fs_type(d) if d.exists() else "?"
+            fst = fs_type(d)
             how = "polled" if r.poll == "always" or (r.poll == "auto" and network_fs(fst)) else "inotify events"
             state = "" if d.exists() else " (will be created)"
             lines.append(f"  watches {d}{state}{' recursively' if r.recursive else ''} [{fst}, {how}]")

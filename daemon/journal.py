@@ -177,8 +177,8 @@ class Journal:
                          "AND in_dev = ? ORDER BY id DESC LIMIT 1",
                          (str(path), ident.ino, ident.size, ident.mtime_ns, ident.dev))
 
-    def running(self, owner: str) -> list[Job]:
-        return self._all("SELECT * FROM jobs WHERE state = 'running' AND owner = ? ORDER BY id", (owner,))
+    def running(self) -> list[Job]:
+        return self._all("SELECT * FROM jobs WHERE state = 'running' ORDER BY id")
 
     def counts(self) -> dict[str, int]:
         with self._lock:

@@ -31,7 +31,7 @@ from .config import Config, ConfigError, Rule, describe, file_hash, load_config
 from .journal import Identity, Job, Journal
 from .notify import Notifier
 from .watch import Settler, Watcher, scan
-from .worker import Item, JobQueue, Running, Stats, Worker, finish_input, free_name, write_sidecar, _move, _relative
+from .worker import Item, JobQueue, Running, Stats, Worker, _move, _relative, finish_input, free_name
 
 log = logging.getLogger("nst-daemon")
 
@@ -185,8 +185,7 @@ class Daemon:
 
     def _lock_instance(self, jpath: Path) -> None:
         jpath.parent.mkdir(parents=True, exist_ok=True)
-        lock = jpath.with_name(f"{jpath.name}.{self.owner}.lock")
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(_lock_path(jpath, self.owner), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -195,9 +194,15 @@ class Daemon:
                            "run one per instance name (--instance)") from None
         self._lock_fd = fd
 
+    def mine(self, job: Job) -> bool:
+        """Whether this process may finish what `job`'s owner left (itself, or an instance not running)."""
+        return job.owner in (None, self.owner) or not instance_alive(self.journal.path, job.owner)
+
     def recover(self) -> None:
-        """Jobs this instance was running when it died: done if their output is there, else queued again."""
-        for job in self.journal.running(self.owner):
+        """Jobs that were running when their process died: done if their output is there, else queued again."""
+        for job in self.journal.running():
+            if not self.mine(job):
+                continue
             out = Path(job.out_path) if job.out_path else None
             now = Identity.at(out) if out else None
             if now is not None and now != job.out_prior:
@@ -299,12 +304,13 @@ class Daemon:
                 self._later.add(path)  # another instance runs it
         elif job.state == "done":
             if same:
-                finish_input(self, job, item, rule, ok=True)  # a leftover from a crash
+                if self.mine(job):
+                    finish_input(self, job, item, rule, ok=True)  # a leftover from a crash
             elif not rule.keep_inputs:
                 self._duplicate(job, item, rule)
         elif job.state == "failed":
             if same:
-                if not rule.keep_inputs:
+                if not rule.keep_inputs and self.mine(job):
                     finish_input(self, job, item, rule, ok=False)
             else:
                 journal.retry(job.id, path, ident, "failed")  # dropped again: try again
@@ -485,6 +491,25 @@ def content_key(path: Path, st: os.stat_result) -> str:
         return file_hash(path)
     except OSError:
         return f"unreadable:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _lock_path(jpath: Path, owner: str) -> Path:
+    return jpath.with_name(f"{jpath.name}.{owner}.lock")
+
+
+def instance_alive(jpath: Path, owner: str) -> bool:
+    """Whether a daemon instance holds its lock on this journal (flock: released when a process dies)."""
+    try:
+        fd = os.open(_lock_path(Path(jpath), owner), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def _file_sig(path: Path):

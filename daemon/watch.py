@@ -160,14 +160,15 @@ class Settler:
                 self.discard(path)
                 continue
             sig = signature(st)
+            settled = False
             if sig != p.sig:
                 first = not p.sig
                 p.sig, p.since = sig, now
                 old = max(st.st_mtime, st.st_ctime) <= wall - self.settle
-                if not (first and old and trust_ctime(p.root)):
-                    continue
-                p.since = now - self.settle
-            if now - p.since >= self.settle:
+                settled = first and old and trust_ctime(p.root)
+            else:
+                settled = now - p.since >= self.settle
+            if settled:
                 self.discard(path)
                 out.append((path, p, st))
         return out

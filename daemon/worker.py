@@ -20,7 +20,7 @@ import os
 import shutil
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from nst_core.errors import Cancelled, DeviceError, ImageError, NSTError, OutOfMemory, WeightsError
@@ -244,6 +244,10 @@ class Worker(threading.Thread):
                 if Identity.at(item.path) != job.input:
                     raise Requeue("changed while it was read", rediscover=True) from None
                 raise
+        if min(picture.width, picture.height) < rule.min_input_side:
+            raise ImageError(item.path, f"the image is only {picture.width}×{picture.height} pixels; rule {rule.name} "
+                                        f"takes images of at least {rule.min_input_side} pixels on each side "
+                                        "(min_input_side)")
         styles = ctx.styles(rule)
         t0 = time.perf_counter()
         result = self.stylize(picture, styles, rule, item)
@@ -429,6 +433,10 @@ def _relative(path: Path, root: Path) -> Path:
 def _move(src: Path, dest: Path) -> None:
     try:
         os.rename(src, dest)
+    except FileNotFoundError:
+        if os.path.lexists(src):
+            raise  # the destination folder went away
+        # moved meanwhile by another instance
     except OSError as e:
         if e.errno != 18:  # EXDEV: processed/ on another file system
             raise

@@ -1,0 +1,177 @@
+"""sd_notify over real datagram sockets, the journal on a real SQLite file, mount detection, settle."""
+
+import os
+import socket
+import sqlite3
+import time
+
+import pytest
+
+from daemon.journal import Identity, Journal
+from daemon.notify import Notifier
+from daemon.watch import Settler, fs_type, network_fs, parse_mountinfo
+from daemon.main import JournaldFormatter
+
+
+def _listen(address):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(address)
+    s.settimeout(5)
+    return s
+
+
+def test_notify_to_a_path_socket(tmp_path):
+    path = str(tmp_path / "notify.sock")
+    s = _listen(path)
+    n = Notifier({"NOTIFY_SOCKET": path})
+    assert n.enabled and n.watchdog_interval is None
+    assert n.ready("3 queued")
+    assert s.recv(4096) == b"READY=1\nSTATUS=3 queued\n"
+    assert n.status("line one\nline two")
+    assert s.recv(4096) == b"STATUS=line one line two\n"  # one datagram line per field
+    n.close()
+    s.close()
+
+
+def test_notify_to_an_abstract_socket_with_reloading_and_watchdog():
+    name = f"nst-test-{os.getpid()}"
+    s = _listen(b"\0" + name.encode())
+    n = Notifier({"NOTIFY_SOCKET": "@" + name, "WATCHDOG_USEC": "3000000", "WATCHDOG_PID": str(os.getpid())})
+    assert n.watchdog_interval == 3.0
+    before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    assert n.reloading()
+    fields = dict(line.split("=", 1) for line in s.recv(4096).decode().splitlines())
+    after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    assert fields["RELOADING"] == "1" and before <= int(fields["MONOTONIC_USEC"]) <= after
+    assert n.watchdog() and s.recv(4096) == b"WATCHDOG=1\n"
+    assert n.stopping() and s.recv(4096) == b"STOPPING=1\n"
+    s.close()
+
+
+def test_notify_is_silent_without_systemd_and_for_another_pids_watchdog():
+    n = Notifier({})
+    assert not n.enabled and not n.ready() and not n.watchdog()
+    n = Notifier({"NOTIFY_SOCKET": "@x", "WATCHDOG_USEC": "1000000", "WATCHDOG_PID": "1"})
+    assert n.watchdog_interval is None  # the watchdog is meant for another process
+
+
+def test_journald_prefixes_every_line():
+    import logging
+
+    f = JournaldFormatter()
+    rec = logging.LogRecord("nst-daemon", logging.WARNING, __file__, 1, "a\nb", (), None)
+    assert f.format(rec) == "<4>a\n<4>b"
+    rec = logging.LogRecord("nst-daemon", logging.ERROR, __file__, 1, "bad", (), None)
+    assert f.format(rec) == "<3>bad"
+    rec = logging.LogRecord("nst_core.service", logging.INFO, __file__, 1, "hi", (), None)
+    assert f.format(rec) == "<6>service: hi"
+
+
+def _ident(path):
+    return Identity.of(os.lstat(path))
+
+
+def test_journal_is_wal_with_full_sync_and_keyed_by_hash_rule_version(tmp_path):
+    f = tmp_path / "in.jpg"
+    f.write_bytes(b"x")
+    j = Journal(tmp_path / "state" / "j.sqlite")
+    a = j.add("h1", "r", "v1", f, _ident(f))
+    assert a.state == "queued" and a.attempts == 0
+    assert j.add("h1", "r", "v1", f, _ident(f)).id == a.id  # the same key is the same job
+    assert j.add("h1", "r", "v2", f, _ident(f)).id != a.id  # a new rule version is a new job
+    assert j.add("h1", "other", "v1", f, _ident(f)).id != a.id
+    assert j.by_input(f, _ident(f)).content_hash == "h1"
+    j.close()
+    con = sqlite3.connect(tmp_path / "state" / "j.sqlite")
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    con.close()
+    j = Journal(tmp_path / "state" / "j.sqlite")
+    assert j._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    j.close()
+
+
+def test_journal_claim_is_exclusive_between_processes_and_counts_attempts(tmp_path):
+    f = tmp_path / "in.jpg"
+    f.write_bytes(b"x")
+    j1 = Journal(tmp_path / "j.sqlite")
+    j2 = Journal(tmp_path / "j.sqlite")  # a second connection, as a second daemon instance has
+    job = j1.add("h", "r", "v", f, _ident(f))
+    got = j1.claim(job.id, "gpu0")
+    assert got.state == "running" and got.attempts == 1 and got.owner == "gpu0"
+    assert j2.claim(job.id, "gpu1") is None
+    j1.requeue(job.id)  # a clean stop does not count the attempt
+    assert j2.get(job.id).attempts == 0 and j2.get(job.id).state == "queued"
+    j2.claim(job.id, "gpu1")
+    j2.requeue(job.id, count_attempt=True)  # a crash does
+    assert j1.get(job.id).attempts == 1
+    j1.claim(job.id, "gpu0")
+    j1.set_output(job.id, tmp_path / "out.png", None)
+    assert j2.running()[0].out_path == str(tmp_path / "out.png")
+    j1.done(job.id, tmp_path / "out.png")
+    assert j2.counts()["done"] == 1
+    j1.close()
+    j2.close()
+
+
+def test_mountinfo_parsing_and_network_detection():
+    text = (
+        "22 27 0:21 / /proc rw,relatime - proc proc rw\n"
+        "30 27 8:1 / / rw - ext4 /dev/sda1 rw\n"
+        "41 30 0:50 / /srv/studio rw - nfs4 server:/export rw\n"
+        "42 41 0:51 / /srv/studio/local\\040disk rw - ext4 /dev/sdb1 rw\n"
+        "43 30 0:52 / /mnt/share rw - cifs //nas/share rw\n"
+        "44 30 0:53 / /home/ann/remote rw - fuse.sshfs ann@host: rw\n"
+    )
+    assert ("/srv/studio/local disk", "ext4") in parse_mountinfo(text)
+    assert fs_type("/srv/studio/inbox", text) == "nfs4"
+    assert fs_type("/srv/studio/local disk/inbox", text) == "ext4"
+    assert fs_type("/srv/studiox", text) == "ext4"
+    assert fs_type("/mnt/share/a", text) == "cifs" and fs_type("/home/ann/remote", text) == "fuse.sshfs"
+    assert all(network_fs(t) for t in ("nfs", "nfs4", "cifs", "smb3", "9p", "fuse.sshfs", "sshfs"))
+    assert not any(network_fs(t) for t in ("ext4", "xfs", "btrfs", "tmpfs", "overlay"))
+    assert fs_type("/proc/self") == "proc"  # the real /proc/self/mountinfo
+
+
+def test_settle_waits_for_unchanged_size_and_times(tmp_path):
+    s = Settler(0.6)
+    f = tmp_path / "a.jpg"
+    f.write_bytes(b"1")
+    s.add(f, "r", tmp_path)
+    assert s.ready() == []  # just written: its ctime is new
+    time.sleep(0.4)
+    with open(f, "ab") as h:
+        h.write(b"2")  # still growing
+    assert s.ready() == []
+    time.sleep(0.4)
+    assert s.ready() == []  # 0.4 s since the last change < 0.6
+    time.sleep(0.35)
+    ready = s.ready()
+    assert [p for p, _, _ in ready] == [f] and ready[0][2].st_size == 2
+    assert len(s) == 0
+
+
+def test_settle_takes_old_files_at_once_but_not_on_network_folders(tmp_path):
+    f = tmp_path / "old.jpg"
+    f.write_bytes(b"1")
+    past = time.time() - 100
+    os.utime(f, (past, past))
+    time.sleep(0.05)
+    s = Settler(0.5)
+    s.add(f, "r", tmp_path)
+    # utime itself changed the ctime: a settle interval must pass since then.
+    assert s.ready() == []
+    s2 = Settler(0.01)
+    time.sleep(0.05)
+    s2.add(f, "r", tmp_path)
+    assert len(s2.ready()) == 1  # ctime older than the interval: taken on first sight
+    s3 = Settler(0.01)
+    s3.add(f, "r", tmp_path)
+    assert s3.ready(trust_ctime=lambda root: False) == []  # network folder: two looks needed
+    time.sleep(0.02)
+    assert len(s3.ready(trust_ctime=lambda root: False)) == 1
+
+
+def test_settle_drops_vanished_files(tmp_path):
+    s = Settler(0)
+    s.add(tmp_path / "gone.jpg", "r", tmp_path)
+    assert s.ready() == [] and len(s) == 0
