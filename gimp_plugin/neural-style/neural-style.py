@@ -322,7 +322,7 @@ def _define_plugin():
             target = drawable
             if config.get_property("output") == "new-layer" and isinstance(drawable, Gimp.Layer):
                 target = drawable.copy()
-                note = " (random weights)" if result.info.get("weights_note") else ""
+                note = ", random weights" if result.info.get("weights_note") else ""
                 target.set_name(f"{drawable.get_name()} (Neural Style{note})")
                 image.insert_layer(target, drawable.get_parent(), image.get_item_position(drawable))
             shadow = target.get_shadow_buffer()

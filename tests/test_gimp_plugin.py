@@ -1,0 +1,635 @@
+"""The GIMP 3 plug-in in the real GIMP 3.0 (a Debian 13 chroot, ../shared/gimp3) against the real
+job service running on the host (`python -m nst_core serve`, CPU, random weights, tiny sizes),
+reached through a Unix socket in a folder bind-mounted into the chroot.
+
+Batch scripts run in gimp-console-3.0 (python-fu-eval) and print `RESULT {json}` lines and a
+sentinel (batch errors do not always set GIMP's exit code). The GUI tests run gimp-3.0 under Xvfb
+and drive it with synthetic X events (libX11 through ctypes, inside the chroot): Ctrl+Z for the
+undo step, a click on the status bar's Cancel button for GIMP's own cancel. GIMP 3.0 cancels a
+plug-in by killing its process (app/plug-in/gimpplugin.c, gimp_plug_in_close), so the service
+must cancel the job when the plug-in's connection drops; that is what these tests check.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from gimp_plugin import installer
+from nst_core.service.client import ServiceClient
+
+pytestmark = pytest.mark.gimp
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "gimp3"
+CHROOT = Path(os.environ.get("NST_GIMP3_CHROOT", "/var/cache/nst-gimp3"))
+ARTIFACTS = REPO / "test-artifacts"
+SENTINEL = "NST_GIMP_TEST_DONE"
+JOB = {"weights": "random", "device": "cpu", "quality": "custom", "size": 48, "iterations": 3}
+
+# ---- fixtures -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chroot():
+    """The GIMP 3 chroot; built with ../shared/gimp3/make-chroot.sh when missing (skip if that fails)."""
+    if not (CHROOT / ".gimp3-ready").exists():
+        script = SHARED / "make-chroot.sh"
+        if not script.exists():
+            pytest.skip(f"no GIMP 3 chroot at {CHROOT} and no {script} to build one")
+        r = subprocess.run(["bash", str(script), str(CHROOT)], capture_output=True, text=True, timeout=1800)
+        if r.returncode != 0:
+            pytest.skip(f"cannot build the GIMP 3 chroot: {(r.stdout + r.stderr)[-800:]}")
+    return CHROOT
+
+
+@pytest.fixture(scope="module")
+def workdir():
+    """A short path (Unix socket paths are limited to 107 bytes), bind-mounted into the chroot."""
+    path = Path(tempfile.mkdtemp(prefix="nstgimp-", dir="/tmp"))
+    path.chmod(0o755)
+    (path / "helper.py").write_text(HELPER)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def service(workdir):
+    """The real job service on the host, CPU only, as a subprocess."""
+    sock = workdir / "svc" / "nst.sock"
+    log = open(workdir / "service.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "nst_core", "serve", "--socket", str(sock), "--idle-exit", "0",
+                             "--device", "cpu"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    client = ServiceClient(str(sock), timeout=10.0)
+    deadline = time.monotonic() + 120
+    while not client.ping():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the service did not start: {(workdir / 'service.log').read_text()[-2000:]}")
+        time.sleep(0.2)
+    yield client
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def profile(chroot, workdir, service):
+    """A GIMP profile with the plug-in installed by the installer, pointed at the host service."""
+    folder = installer.install(workdir / "gimp" / "plug-ins", socket=service.socket_path)[0]
+    assert os.access(folder / "neural-style.py", os.X_OK)
+    return workdir / "gimp"
+
+
+# ---- running GIMP -------------------------------------------------------------------------------
+
+PRELUDE = r'''
+import json, os, subprocess, sys, time
+from gi.repository import Gimp, Gio, Gegl, GLib
+WORK = {work!r}
+HELPER = os.path.join(WORK, "helper.py")
+PDB = Gimp.get_pdb()
+JOB = {job!r}
+STATUS = {{Gimp.PDBStatusType.SUCCESS: "success", Gimp.PDBStatusType.CANCEL: "cancel",
+           Gimp.PDBStatusType.EXECUTION_ERROR: "execution-error", Gimp.PDBStatusType.CALLING_ERROR: "calling-error"}}
+
+def emit(**kw):
+    print("RESULT " + json.dumps(kw), flush=True)
+
+def make_image(w, h, bits=8, alpha=True, base=Gimp.ImageBaseType.RGB, name="photo"):
+    """An image with one layer holding a gradient with varied alpha."""
+    prec = Gimp.Precision.U16_NON_LINEAR if bits == 16 else Gimp.Precision.U8_NON_LINEAR
+    img = Gimp.Image.new_with_precision(w, h, base, prec)
+    kinds = {{(Gimp.ImageBaseType.RGB, True): Gimp.ImageType.RGBA_IMAGE, (Gimp.ImageBaseType.RGB, False): Gimp.ImageType.RGB_IMAGE,
+             (Gimp.ImageBaseType.GRAY, True): Gimp.ImageType.GRAYA_IMAGE, (Gimp.ImageBaseType.GRAY, False): Gimp.ImageType.GRAY_IMAGE,
+             (Gimp.ImageBaseType.INDEXED, False): Gimp.ImageType.INDEXED_IMAGE}}
+    layer = Gimp.Layer.new(img, name, w, h, kinds[(base, alpha)], 100, Gimp.LayerMode.NORMAL)
+    img.insert_layer(layer, None, 0)
+    if base == Gimp.ImageBaseType.RGB:
+        top = 65535 if bits == 16 else 255
+        vals = []
+        for y in range(h):
+            for x in range(w):
+                px = [x * top // w, y * top // h, (x * 7919 + y * 104729) % (top + 1)]
+                if alpha:
+                    px.append(top - (x * 5 + y * 3) % (top // 2))
+                vals.extend(px)
+        data = b"".join(v.to_bytes(2, sys.byteorder) for v in vals) if bits == 16 else bytes(vals)
+        layer.get_buffer().set(Gegl.Rectangle.new(0, 0, w, h), fmt(alpha, bits), data)
+    return img, layer
+
+def fmt(alpha, bits):
+    return "R'G'B'" + ("A" if alpha else "") + " u%d" % bits
+
+def pixels(drawable, alpha=True, bits=8):
+    w, h = drawable.get_width(), drawable.get_height()
+    data = drawable.get_buffer().get(Gegl.Rectangle.new(0, 0, w, h), 1.0, fmt(alpha, bits), Gegl.AbyssPolicy.CLAMP)
+    if bits == 16:
+        return [int.from_bytes(data[i:i + 2], sys.byteorder) for i in range(0, len(data), 2)]
+    return list(data)
+
+def checker(size=40, name="style"):
+    img = Gimp.Image.new(size, size, Gimp.ImageBaseType.RGB)
+    layer = Gimp.Layer.new(img, name, size, size, Gimp.ImageType.RGB_IMAGE, 100, Gimp.LayerMode.NORMAL)
+    img.insert_layer(layer, None, 0)
+    data = b"".join(bytes((230, 40, 20)) if (x // 5 + y // 5) % 2 else bytes((20, 40, 230))
+                    for y in range(size) for x in range(size))
+    layer.get_buffer().set(Gegl.Rectangle.new(0, 0, size, size), "R'G'B' u8", data)
+    return img, layer
+
+def run_ns(image, drawable, run_mode=Gimp.RunMode.NONINTERACTIVE, job=True, **args):
+    proc = PDB.lookup_procedure("python-fu-neural-style")
+    cfg = proc.create_config()
+    cfg.set_property("run-mode", run_mode)
+    cfg.set_property("image", image)
+    cfg.set_core_object_array("drawables", [drawable])
+    for k, v in {{**(JOB if job else {{}}), **args}}.items():
+        cfg.set_property(k.replace("_", "-"), v)
+    res = proc.run(cfg)
+    message = res.index(1) if res.length() > 1 and isinstance(res.index(1), str) else ""
+    return STATUS.get(res.index(0), str(res.index(0))), message
+'''
+
+
+def run_gimp(workdir: Path, profile: Path, body: str, *, gui: bool = False, timeout: float = 300,
+             name: str = "script") -> tuple[str, list[dict]]:
+    """Run a batch script in GIMP inside the chroot; (all output, the RESULT records). Checks the sentinel."""
+    script = workdir / f"{name}.py"
+    script.write_text(PRELUDE.format(work=str(workdir), job=JOB) + textwrap.dedent(body)
+                      + f"\nprint({SENTINEL!r}, flush=True)\n")
+    env = ["env", f"HOME={workdir}", f"GIMP3_DIRECTORY={profile}"]
+    if gui:
+        (workdir / "gui.sh").write_text(GUI_SH)
+        inner = env + ["sh", str(workdir / "gui.sh"), str(workdir), str(script)]
+        stdin = subprocess.DEVNULL
+    else:
+        inner = env + ["gimp-console-3.0", "-nidfs", "--batch-interpreter", "python-fu-eval", "-b", "-", "--quit"]
+        stdin = open(script)
+    cmd = [str(SHARED / "run.sh"), str(CHROOT), "--bind", str(workdir), "--", *inner]
+    proc = subprocess.Popen(cmd, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"GIMP did not finish within {timeout} s:\n{out[-4000:]}")
+    finally:
+        if stdin is not subprocess.DEVNULL:
+            stdin.close()
+    records = [json.loads(line[len("RESULT "):]) for line in out.splitlines() if line.startswith("RESULT ")]
+    assert SENTINEL in out, f"the batch script did not finish:\n{out[-4000:]}"
+    return out, records
+
+
+def one(records: list[dict], step: str) -> dict:
+    found = [r for r in records if r.get("step") == step]
+    assert len(found) == 1, f"expected one {step!r} record in {records}"
+    return found[0]
+
+
+def jobs_count(service: ServiceClient) -> dict:
+    return dict(service.status()["jobs"])
+
+
+def wait_cancelled(service: ServiceClient, before: dict, timeout: float = 20.0) -> dict:
+    """The service's status once it counted one more cancelled job and runs nothing."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = service.status()
+        idle = all(w.get("running") is None for w in status["workers"])
+        if status["jobs"]["cancelled"] > before["cancelled"] and idle:
+            return status
+        assert time.monotonic() < deadline, f"the service did not cancel the job: {status}"
+        time.sleep(0.2)
+
+
+# ---- console tests ------------------------------------------------------------------------------
+
+
+def test_gimp_lists_the_procedure_under_filters(workdir, profile):
+    _, records = run_gimp(workdir, profile, '''
+        proc = PDB.lookup_procedure("python-fu-neural-style")
+        emit(step="proc", found=proc is not None, menus=list(proc.get_menu_paths()), label=proc.get_menu_label(),
+             args=[a.name for a in proc.get_arguments()], types=proc.get_image_types())
+    ''', name="menu")
+    r = one(records, "proc")
+    assert r["found"]
+    assert r["menus"] and all(m.startswith("<Image>/Filters") for m in r["menus"])
+    assert r["label"] == "Neural Style…"
+    assert {"style-source", "style-file", "style-layer", "strength", "preserve-color", "style-scale", "quality",
+            "output", "device", "seed"} <= set(r["args"])
+
+
+def test_feathered_selection_gives_a_new_layer_above_that_blends(workdir, profile):
+    _, records = run_gimp(workdir, profile, '''
+        W, H = 96, 64
+        simg, _ = checker()
+        Gimp.file_save(Gimp.RunMode.NONINTERACTIVE, simg, Gio.File.new_for_path(WORK + "/style.png"), None)
+        img, layer = make_image(W, H)
+        before = pixels(layer)
+        Gimp.context_set_feather(True)
+        Gimp.context_set_feather_radius(8, 8)
+        img.select_rectangle(Gimp.ChannelOps.REPLACE, 32, 20, 32, 24)
+        status, message = run_ns(img, layer, style_source="file",
+                                 style_file=Gio.File.new_for_path(WORK + "/style.png"))
+        layers = img.get_layers()
+        emit(step="run", status=status, message=message, names=[l.get_name() for l in layers])
+        new = pixels(layers[0])
+        def diff(xs, ys, channels=(0, 1, 2)):
+            d = [abs(new[(y * W + x) * 4 + c] - before[(y * W + x) * 4 + c]) for y in ys for x in xs for c in channels]
+            return sum(d) / len(d)
+        far = [(x, y) for y in range(H) for x in range(W) if x < 20 or x >= 76 or y < 8 or y >= 56]
+        emit(step="pixels",
+             original_unchanged=pixels(layers[1]) == before,
+             far_outside_equal=all(new[(y * W + x) * 4 + c] == before[(y * W + x) * 4 + c]
+                                   for x, y in far for c in range(4)),
+             alpha_equal=new[3::4] == before[3::4],
+             core_diff=diff(range(40, 56), range(28, 36)),
+             edge_diff=diff(range(28, 31), range(28, 36)))
+    ''', name="feather")
+    run = one(records, "run")
+    assert run["status"] == "success", run["message"]
+    assert len(run["names"]) == 2
+    assert "Neural Style" in run["names"][0] and run["names"][1] == "photo"  # the new layer is above
+    px = one(records, "pixels")
+    assert px["original_unchanged"]
+    assert px["far_outside_equal"]
+    assert px["alpha_equal"]
+    assert px["core_diff"] > 10  # stylised inside the selection
+    assert 0 < px["edge_diff"] < 0.8 * px["core_diff"]  # the feathered edge blends
+
+
+def test_16_bit_rgba_in_place_keeps_16_bit_alpha_and_precision(workdir, profile):
+    _, records = run_gimp(workdir, profile, '''
+        img, layer = make_image(40, 30, bits=16)
+        _, style = checker()
+        before = pixels(layer, bits=16)
+        status, message = run_ns(img, layer, style_source="layer", style_layer=style, output="in-place", size=40)
+        after = pixels(layer, bits=16)
+        rgb = [v for i, v in enumerate(after) if i % 4 != 3]
+        emit(step="run", status=status, message=message, layers=len(img.get_layers()),
+             precision=str(img.get_precision()), alpha_equal=after[3::4] == before[3::4],
+             changed=sum(abs(a - b) for a, b in zip(after, before)) / len(after),
+             multiples_of_257=sum(1 for v in rgb if v % 257 == 0) / len(rgb))
+    ''', name="sixteen")
+    r = one(records, "run")
+    assert r["status"] == "success", r["message"]
+    assert r["layers"] == 1 and "U16" in r["precision"]
+    assert r["alpha_equal"]
+    assert r["changed"] > 1000  # out of 65535
+    assert r["multiples_of_257"] < 0.5  # real 16-bit samples, not 8-bit ones widened
+
+
+def test_rgb_layer_without_alpha_and_a_weights_error(workdir, profile):
+    _, records = run_gimp(workdir, profile, '''
+        img, layer = make_image(50, 40, alpha=False)
+        _, style = checker()
+        before = pixels(layer, alpha=False)
+        status, message = run_ns(img, layer, style_source="layer", style_layer=style, output="in-place", size=32)
+        after = pixels(layer, alpha=False)
+        emit(step="run", status=status, message=message, layers=len(img.get_layers()), alpha=layer.has_alpha(),
+             size=[layer.get_width(), layer.get_height()], changed=sum(abs(a - b) for a, b in zip(after, before)) / len(after))
+        status, message = run_ns(img, layer, style_source="layer", style_layer=style, weights=WORK + "/no-vgg19.pth")
+        emit(step="weights", status=status, message=message, layers=len(img.get_layers()))
+    ''', name="rgb")
+    r = one(records, "run")
+    assert r["status"] == "success", r["message"]
+    assert r["layers"] == 1 and r["alpha"] is False and r["size"] == [50, 40]  # area 50×40, worked on at 32 px
+    assert r["changed"] > 10
+    r = one(records, "weights")
+    assert r["status"] == "execution-error" and r["layers"] == 1
+    assert "no-vgg19.pth" in r["message"] and "Advanced → Weights" in r["message"]
+
+
+def test_greyscale_and_indexed_images_are_refused_with_a_message(workdir, profile):
+    _, records = run_gimp(workdir, profile, '''
+        for base, name in ((Gimp.ImageBaseType.GRAY, "grey"), (Gimp.ImageBaseType.INDEXED, "indexed")):
+            img, layer = make_image(30, 20, base=base, alpha=False)
+            status, message = run_ns(img, layer)
+            emit(step=name, status=status, message=message, layers=len(img.get_layers()))
+    ''', name="grey")
+    for name, word in (("grey", "greyscale"), ("indexed", "indexed")):
+        r = one(records, name)
+        assert r["status"] == "execution-error" and r["layers"] == 1
+        assert f"RGB images and this one is {word}" in r["message"] and "Image → Mode → RGB" in r["message"]
+
+
+def test_no_service_and_no_interpreter_is_a_clear_error_and_gimp_carries_on(chroot, workdir):
+    profile = workdir / "gimp-bare"
+    folder = installer.install(profile / "plug-ins")[0]
+    (folder / "nst-plugin.json").unlink()
+    _, records = run_gimp(workdir, profile, f'''
+        settings = {str(folder / "nst-plugin.json")!r}
+        img, layer = make_image(30, 20)
+        _, style = checker()
+        status, message = run_ns(img, layer, style_source="layer", style_layer=style, socket=WORK + "/nobody/nst.sock")
+        emit(step="none", status=status, message=message, layers=len(img.get_layers()))
+        for python in ("/nonexistent/bin/python3", "/usr/bin/python3"):  # missing; present but without nst_core
+            with open(settings, "w") as f:
+                json.dump({{"python": python, "socket": WORK + "/nobody/nst.sock"}}, f)
+            status, message = run_ns(img, layer, style_source="layer", style_layer=style)
+            emit(step=python, status=status, message=message, layers=len(img.get_layers()))
+        img2, layer2 = make_image(10, 10)
+        layer2.fill(Gimp.FillType.WHITE)
+        emit(step="after", layers=len(img2.get_layers()), white=pixels(layer2)[:4] == [255, 255, 255, 255])
+    ''', name="noservice")
+    r = one(records, "none")
+    assert r["status"] == "execution-error" and r["layers"] == 1
+    assert f"No Neural Style service answers at {workdir}/nobody/nst.sock" in r["message"]
+    assert "no Python interpreter is recorded" in r["message"] and "nst gimp install" in r["message"]
+    r = one(records, "/nonexistent/bin/python3")
+    assert r["status"] == "execution-error" and r["layers"] == 1
+    assert "starting one with /nonexistent/bin/python3 failed" in r["message"] and "nst serve" in r["message"]
+    r = one(records, "/usr/bin/python3")
+    assert r["status"] == "execution-error" and "No module named nst_core" in r["message"]
+    assert one(records, "after") == {"step": "after", "layers": 1, "white": True}
+
+
+def test_killing_the_plugin_as_gimp_cancels_it_cancels_the_job(workdir, profile, service):
+    """GIMP's cancel is SIGKILL of the plug-in (after a 10 ms grace); here the kill comes from a helper."""
+    before = jobs_count(service)
+    out, records = run_gimp(workdir, profile, f'''
+        img, layer = make_image(48, 36)
+        _, style = checker()
+        helper = subprocess.Popen([sys.executable, HELPER, "kill-when-running", {service.socket_path!r},
+                                   {str(profile / "plug-ins" / "neural-style")!r}])
+        status, message = run_ns(img, layer, style_source="layer", style_layer=style, iterations=20000)
+        helper.wait(30)
+        emit(step="killed", status=status, layers=len(img.get_layers()), helper=helper.returncode)
+        status, message = run_ns(img, layer, style_source="layer", style_layer=style)
+        emit(step="again", status=status, message=message, layers=len(img.get_layers()))
+    ''', name="kill")
+    r = one(records, "killed")
+    assert r["helper"] == 0 and r["status"] != "success" and r["layers"] == 1
+    again = one(records, "again")
+    assert again["status"] == "success" and again["layers"] == 2, again["message"]
+    status = wait_cancelled(service, before)
+    assert status["jobs"]["done"] >= before["done"] + 1
+
+
+# ---- GUI tests (gimp-3.0 under Xvfb) --------------------------------------------------------------
+
+
+def test_dialog_screenshot_and_last_values(workdir, profile):
+    shot = workdir / "dialog.png"
+    _, records = run_gimp(workdir, profile, f'''
+        img, layer = make_image(320, 240)
+        simg, _ = checker()
+        Gimp.file_save(Gimp.RunMode.NONINTERACTIVE, simg, Gio.File.new_for_path(WORK + "/style.png"), None)
+        Gimp.Display.new(img)
+        Gimp.displays_flush()
+        def dialog(*helper_args, **args):
+            helper = subprocess.Popen([sys.executable, HELPER, *helper_args], stdout=subprocess.PIPE, text=True)
+            status, message = run_ns(img, layer, run_mode=Gimp.RunMode.INTERACTIVE, **args)
+            seen = json.loads(helper.communicate(timeout=60)[0].strip().splitlines()[-1])
+            return status, message, seen
+        status, message, seen = dialog("dialog", "escape", {str(shot)!r})
+        emit(step="escape", status=status, message=message, dialog=seen, layers=len(img.get_layers()))
+        before = pixels(layer)
+        status, message, seen = dialog("dialog", "alt+o", style_source="file", output="in-place",
+                                       style_file=Gio.File.new_for_path(WORK + "/style.png"))
+        after = pixels(layer)
+        emit(step="ok", status=status, message=message, layers=len(img.get_layers()), changed=after != before)
+        # No arguments: GIMP supplies the values of the last interactive run (defaults would need ImageNet weights).
+        status, message = run_ns(img, layer, run_mode=Gimp.RunMode.WITH_LAST_VALS, job=False)
+        emit(step="last", status=status, message=message, layers=len(img.get_layers()), changed=pixels(layer) != after)
+    ''', gui=True, name="dialog")
+    r = one(records, "escape")
+    assert r["dialog"]["title"] == "Neural Style" and r["dialog"]["width"] > 300 and r["dialog"]["height"] > 300
+    assert r["status"] == "cancel" and r["layers"] == 1  # Escape closed the dialog; nothing ran
+    ARTIFACTS.mkdir(exist_ok=True)
+    shutil.copy(shot, ARTIFACTS / "gimp-neural-style-dialog.png")
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20000
+    r = one(records, "ok")
+    assert r["status"] == "success" and r["layers"] == 1 and r["changed"], r["message"]  # OK ran it, in place
+    r = one(records, "last")
+    assert r["status"] == "success" and r["layers"] == 1 and r["changed"], r["message"]
+
+
+def test_one_undo_step_removes_the_result(workdir, profile):
+    _, records = run_gimp(workdir, profile, '''
+        img, layer = make_image(96, 64)
+        _, style = checker()
+        before = pixels(layer)
+        Gimp.context_set_feather(True)
+        Gimp.context_set_feather_radius(6, 6)
+        img.select_rectangle(Gimp.ChannelOps.REPLACE, 20, 10, 50, 40)
+        img.clean_all()
+        Gimp.Display.new(img)
+        Gimp.displays_flush()
+        status, message = run_ns(img, layer, style_source="layer", style_layer=style)
+        emit(step="run", status=status, message=message, layers=len(img.get_layers()), dirty=img.is_dirty())
+        def press(keys, want_layers):
+            subprocess.run([sys.executable, HELPER, "key", keys], check=True, timeout=30)
+            deadline = time.time() + 10
+            while len(img.get_layers()) != want_layers and time.time() < deadline:
+                time.sleep(0.2)
+            return len(img.get_layers())
+        emit(step="undo", layers=press("ctrl+z", 1), dirty=img.is_dirty(), original=pixels(img.get_layers()[0]) == before)
+        emit(step="redo", layers=press("ctrl+y", 2), names=[l.get_name() for l in img.get_layers()])
+    ''', gui=True, name="undo")
+    r = one(records, "run")
+    assert r["status"] == "success" and r["layers"] == 2 and r["dirty"], r["message"]
+    undo = one(records, "undo")
+    # One Ctrl+Z takes away the new layer and its pixels, and the image is clean again: one step.
+    assert undo == {"step": "undo", "layers": 1, "dirty": False, "original": True}
+    redo = one(records, "redo")
+    assert redo["layers"] == 2 and "Neural Style" in redo["names"][0]
+
+
+def test_cancel_in_gimps_progress_bar_cancels_the_job(workdir, profile, service):
+    before = jobs_count(service)
+    shot = workdir / "progress.png"
+    _, records = run_gimp(workdir, profile, f'''
+        img, layer = make_image(48, 36)
+        _, style = checker()
+        Gimp.Display.new(img)
+        Gimp.displays_flush()
+        helper = subprocess.Popen([sys.executable, HELPER, "click-cancel-when-running", {service.socket_path!r},
+                                   {str(profile / "plug-ins" / "neural-style")!r}, {str(shot)!r}])
+        t0 = time.time()
+        status, message = run_ns(img, layer, style_source="layer", style_layer=style, iterations=20000)
+        helper.wait(30)
+        emit(step="cancel", status=status, message=message, seconds=time.time() - t0, layers=len(img.get_layers()),
+             helper=helper.returncode)
+    ''', gui=True, name="cancel")
+    r = one(records, "cancel")
+    assert r["helper"] == 0
+    assert r["status"] == "cancel" and r["layers"] == 1
+    wait_cancelled(service, before)
+    if shot.exists():
+        ARTIFACTS.mkdir(exist_ok=True)
+        shutil.copy(shot, ARTIFACTS / "gimp-neural-style-progress.png")
+
+
+# ---- chroot-side pieces -------------------------------------------------------------------------
+
+GUI_SH = r'''
+# usage: gui.sh WORKDIR SCRIPT: Xvfb on a free display, then gimp-3.0 running SCRIPT in batch mode.
+W=$1; SCRIPT=$2
+rm -f "$W/display"
+Xvfb -displayfd 3 -screen 0 1280x800x24 -nolisten tcp 3>"$W/display" 2>"$W/xvfb.log" &
+XPID=$!
+for i in $(seq 100); do [ -s "$W/display" ] && break; sleep 0.1; done
+export DISPLAY=":$(cat "$W/display")" GDK_CORE_DEVICE_EVENTS=1   # GDK takes synthetic core events
+gimp-3.0 -n -d -f -s --batch-interpreter python-fu-eval -b - --quit < "$SCRIPT"
+rc=$?
+kill $XPID
+exit $rc
+'''
+
+HELPER = r'''
+"""Runs inside the chroot: synthetic X11 input for GIMP (libX11 via ctypes) and job watching."""
+import ctypes, json, os, signal, subprocess, sys, time
+
+def x11():
+    X = ctypes.CDLL("libX11.so.6")
+    X.XOpenDisplay.restype = ctypes.c_void_p
+    X.XDefaultRootWindow.restype = ctypes.c_ulong
+    X.XDefaultRootWindow.argtypes = [ctypes.c_void_p]
+    X.XQueryTree.argtypes = [ctypes.c_void_p, ctypes.c_ulong, ctypes.POINTER(ctypes.c_ulong), ctypes.POINTER(ctypes.c_ulong),
+                             ctypes.POINTER(ctypes.POINTER(ctypes.c_ulong)), ctypes.POINTER(ctypes.c_uint)]
+    X.XFetchName.argtypes = [ctypes.c_void_p, ctypes.c_ulong, ctypes.POINTER(ctypes.c_char_p)]
+    X.XGetWindowAttributes.argtypes = [ctypes.c_void_p, ctypes.c_ulong, ctypes.c_void_p]
+    X.XKeysymToKeycode.argtypes = [ctypes.c_void_p, ctypes.c_ulong]
+    X.XSendEvent.argtypes = [ctypes.c_void_p, ctypes.c_ulong, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+    X.XWarpPointer.argtypes = [ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_int, ctypes.c_int,
+                               ctypes.c_uint, ctypes.c_uint, ctypes.c_int, ctypes.c_int]
+    X.XFlush.argtypes = [ctypes.c_void_p]
+    d = X.XOpenDisplay(None)
+    assert d, "cannot open the X display"
+    return X, d, X.XDefaultRootWindow(d)
+
+class Attrs(ctypes.Structure):
+    _fields_ = [("x", ctypes.c_int), ("y", ctypes.c_int), ("width", ctypes.c_int), ("height", ctypes.c_int),
+                ("border_width", ctypes.c_int), ("depth", ctypes.c_int), ("visual", ctypes.c_void_p), ("root", ctypes.c_ulong),
+                ("class_", ctypes.c_int), ("bit_gravity", ctypes.c_int), ("win_gravity", ctypes.c_int),
+                ("backing_store", ctypes.c_int), ("backing_planes", ctypes.c_ulong), ("backing_pixel", ctypes.c_ulong),
+                ("save_under", ctypes.c_int), ("colormap", ctypes.c_ulong), ("map_installed", ctypes.c_int),
+                ("map_state", ctypes.c_int), ("all_event_masks", ctypes.c_long), ("your_event_mask", ctypes.c_long),
+                ("do_not_propagate_mask", ctypes.c_long), ("override_redirect", ctypes.c_int), ("screen", ctypes.c_void_p)]
+
+class Event(ctypes.Structure):  # XKeyEvent and XButtonEvent share this layout; padded to sizeof(XEvent)
+    _fields_ = [("type", ctypes.c_int), ("serial", ctypes.c_ulong), ("send_event", ctypes.c_int), ("display", ctypes.c_void_p),
+                ("window", ctypes.c_ulong), ("root", ctypes.c_ulong), ("subwindow", ctypes.c_ulong), ("time", ctypes.c_ulong),
+                ("x", ctypes.c_int), ("y", ctypes.c_int), ("x_root", ctypes.c_int), ("y_root", ctypes.c_int),
+                ("state", ctypes.c_uint), ("detail", ctypes.c_uint), ("same_screen", ctypes.c_int), ("pad", ctypes.c_char * 128)]
+
+def windows():
+    """Mapped top-level windows: dicts with id, title (None for non-Latin-1 titles), geometry."""
+    X, d, root = x11()
+    r, p, n = ctypes.c_ulong(), ctypes.c_ulong(), ctypes.c_uint()
+    children = ctypes.POINTER(ctypes.c_ulong)()
+    X.XQueryTree(d, root, ctypes.byref(r), ctypes.byref(p), ctypes.byref(children), ctypes.byref(n))
+    found = []
+    for i in range(n.value):
+        a, name = Attrs(), ctypes.c_char_p()
+        X.XGetWindowAttributes(d, children[i], ctypes.byref(a))
+        title = name.value.decode("latin-1") if X.XFetchName(d, children[i], ctypes.byref(name)) and name.value else None
+        if a.map_state == 2:
+            found.append({"id": children[i], "title": title, "x": a.x, "y": a.y, "width": a.width, "height": a.height})
+    return found
+
+def main_window():
+    """GIMP's image window: the largest mapped one (its UTF-8 title has no Latin-1 WM_NAME)."""
+    return max(windows(), key=lambda w: w["width"] * w["height"])
+
+def send(win, kind, detail, x=10, y=10, state=0):
+    X, d, root = x11()
+    mask = {2: 1, 3: 2, 4: 4, 5: 8}[kind]  # KeyPress/KeyRelease/ButtonPress/ButtonRelease masks
+    ev = Event(type=kind, display=d, window=win["id"], root=root, x=x, y=y, x_root=win["x"] + x, y_root=win["y"] + y,
+               state=state, detail=detail, same_screen=1)
+    assert X.XSendEvent(d, win["id"], 1, mask, ctypes.byref(ev))
+    X.XFlush(d)
+
+def key(win, spec):
+    X, d, _ = x11()
+    *mods, name = spec.split("+")
+    state = 4 if "ctrl" in mods else 0
+    state |= 1 if "shift" in mods else 0
+    state |= 8 if "alt" in mods else 0
+    code = X.XKeysymToKeycode(d, {"z": 0x7A, "y": 0x79, "o": 0x6F, "escape": 0xFF1B}[name])
+    send(win, 2, code, state=state)
+    send(win, 3, code, state=state)
+
+def click(win, x, y):
+    X, d, root = x11()
+    X.XWarpPointer(d, 0, root, 0, 0, 0, 0, win["x"] + x, win["y"] + y)  # real pointer motion: GTK sees it enter
+    X.XFlush(d)
+    time.sleep(0.5)
+    send(win, 4, 1, x, y)
+    time.sleep(0.1)
+    send(win, 5, 1, x, y, state=256)
+
+def screenshot(path):
+    subprocess.run(f"xwd -root | xwdtopnm 2>/dev/null | pnmtopng > '{path}'", shell=True, check=True)
+
+def wait_running(socket_path, plugin_dir, timeout=120):
+    """Until the service runs the plug-in's job and has made a step."""
+    sys.path.insert(0, plugin_dir)
+    import nst_client
+    client = nst_client.ServiceClient(socket_path)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for w in client.status()["workers"]:
+            job = w.get("running")
+            if job and job.get("client") == "gimp-neural-style" and job.get("step", 0) >= 1:
+                return
+        time.sleep(0.2)
+    raise SystemExit("the plug-in's job never ran")
+
+def plugin_pid():
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if any(a.endswith(b"neural-style/neural-style.py") for a in argv) and b"-run" in argv:
+            return int(pid)
+    raise SystemExit("no running neural-style plug-in process")
+
+if __name__ == "__main__":
+    cmd = sys.argv[1]
+    if cmd == "key":
+        key(main_window(), sys.argv[2])
+    elif cmd == "kill-when-running":
+        wait_running(sys.argv[2], sys.argv[3])
+        os.kill(plugin_pid(), signal.SIGKILL)  # what GIMP 3.0 does on cancel (gimp_plug_in_close)
+    elif cmd == "click-cancel-when-running":
+        wait_running(sys.argv[2], sys.argv[3])
+        time.sleep(1.0)
+        screenshot(sys.argv[4])
+        win = main_window()
+        # The status bar's Cancel button (shown while a plug-in reports progress), in GIMP 3.0.4's default
+        # single-window layout on a fresh profile: 283 px left of the window's right edge, 18 px up.
+        click(win, win["width"] - 283, win["height"] - 18)
+    elif cmd == "dialog":  # dialog KEY [SCREENSHOT]: wait for the dialog, (shoot it,) press KEY in it
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            dialogs = [w for w in windows() if w["title"] == "Neural Style"]
+            if dialogs:
+                break
+            time.sleep(0.3)
+        else:
+            raise SystemExit("the Neural Style dialog did not appear")
+        time.sleep(2.0)  # let it draw
+        if len(sys.argv) > 3:
+            screenshot(sys.argv[3])
+        key(dialogs[0], sys.argv[2])
+        print(json.dumps({k: dialogs[0][k] for k in ("title", "width", "height")}))
+'''
