@@ -146,9 +146,17 @@ def test_every_plugin_setting_makes_valid_engine_params(plugin):
     assert plugin.device_name("gpu", "darwin") == "mps" and plugin.device_name("gpu", "linux") == "cuda"
 
 
+def test_dialog_starts_at_the_engines_defaults(plugin):
+    engine = StyleParams()
+    start = plugin.START
+    assert plugin.strength_to_ratio(start["strength"]) == pytest.approx(engine.ratio)
+    assert (start["style_scale"], start["seed"], start["preserve_color"]) == (
+        engine.style_scale, engine.seed, engine.preserve_color)
+    assert plugin.device_name(start["device"]) == engine.device
+
+
 def test_strength_scale_matches_its_tooltip(plugin):
-    # Strength 2 is documented as the paper's alpha/beta, which is the engine's default ratio.
-    assert plugin.strength_to_ratio(2.0) == pytest.approx(StyleParams().ratio)
+    assert plugin.strength_to_ratio(2.0) == pytest.approx(1e-3)
     assert plugin.strength_to_ratio(1.0) == pytest.approx(1e-2)
     assert plugin.strength_to_ratio(4.0) == pytest.approx(1e-5)
     assert plugin.strength_to_ratio(9.0) == pytest.approx(1e-5)

@@ -37,6 +37,9 @@ QUALITY_PRESETS = {
 STRENGTH_MIN, STRENGTH_MAX = 1.0, 4.0
 DEVICES = {"auto": "auto", "gpu": "cuda", "cpu": "cpu"}  # "gpu" is "mps" on macOS
 PRESERVE_COLORS = ("none", "luminance", "histogram")
+# The dialog's starting values. They equal the engine's defaults (strength 2 is its alpha/beta);
+# the plug-in cannot import the engine, so tests/test_gimp_installer.py checks that they match.
+START = {"strength": 2.0, "style_scale": 1.0, "seed": 0, "preserve_color": "none", "device": "auto"}
 
 
 class UserError(Exception):
@@ -120,7 +123,7 @@ def progress_text(event: dict) -> str:
     return " · ".join(parts)
 
 
-def explain(kind: str, message: str, socket_path: str = "") -> str:
+def explain(kind: str, message: str) -> str:
     """The service's message plus what to do about it."""
     hints = {
         "unavailable": ("Start the service with `nst serve`, or run `nst gimp install` from the Python "
@@ -260,7 +263,11 @@ def _define_plugin():
         return probe
 
     def stylize(image, drawable, config):
-        """Run the job; on success write the result (new layer or in place) as one undo step."""
+        """Run the job; on success write the result (new layer or in place) as one undo step.
+
+        8-bit images travel as 8-bit, all others as 16-bit (the protocol's deepest); the image is
+        left untouched until the service has answered, so a cancel or an error changes nothing.
+        """
         import nst_client
         settings = read_settings()
         ok, x, y, w, h = drawable.mask_intersect()
@@ -308,7 +315,7 @@ def _define_plugin():
             result = client.stylize(content, [style], params, priority="interactive",
                                     on_progress=on_progress, on_status=on_status)
         except nst_client.ServiceError as e:
-            raise UserError(explain(e.kind, e.message, client.socket_path)) from None
+            raise UserError(explain(e.kind, e.message)) from None
         Gimp.progress_set_text("Neural Style: writing the result…")
         Gimp.progress_update(1.0)
 
@@ -320,7 +327,7 @@ def _define_plugin():
         image.undo_group_start()
         try:
             target = drawable
-            if config.get_property("output") == "new-layer" and isinstance(drawable, Gimp.Layer):
+            if config.get_property("output") == "new-layer":
                 target = drawable.copy()
                 note = ", random weights" if result.info.get("weights_note") else ""
                 target.set_name(f"{drawable.get_name()} (Neural Style{note})")
@@ -394,17 +401,17 @@ def _define_plugin():
                 "strength", "S_trength",
                 "How much style: the content-to-style ratio α/β is 10^-(strength+1): 1 → 1e-2 (mostly the "
                 "photo), 2 → 1e-3 (the paper's default), 3 → 1e-4, 4 → 1e-5 (mostly the style)",
-                STRENGTH_MIN, STRENGTH_MAX, 2.0, flags)
+                STRENGTH_MIN, STRENGTH_MAX, START["strength"], flags)
             proc.add_choice_argument(
                 "preserve-color", "Preser_ve colour", "Keep the layer's colours",
                 choice(("none", "Off", "Take the style's colours"),
                        ("luminance", "Luminance", "Transfer the style on brightness only; keep the layer's colours"),
                        ("histogram", "Histogram", "Match the style's colours to the layer's first")),
-                "none", flags)
+                START["preserve_color"], flags)
             proc.add_double_argument(
                 "style-scale", "Style sc_ale",
                 "Size of the style's brush strokes: the style image is resized to this times the working size",
-                0.1, 8.0, 1.0, flags)
+                0.1, 8.0, START["style_scale"], flags)
             presets = "; ".join(f"{label}: {size} px, {steps} steps" for label, size, steps in QUALITY_PRESETS.values())
             proc.add_choice_argument(
                 "quality", "_Quality",
@@ -428,8 +435,8 @@ def _define_plugin():
                 choice(("auto", "Auto", "The GPU when there is one, else the CPU"),
                        ("gpu", "GPU", "The GPU (CUDA; Metal on macOS)"),
                        ("cpu", "CPU", "The CPU (slow)")),
-                "auto", flags)
-            proc.add_int_argument("seed", "S_eed", "Random seed of the starting noise", 0, 2**31 - 1, 0, flags)
+                START["device"], flags)
+            proc.add_int_argument("seed", "S_eed", "Random seed of the starting noise", 0, 2**31 - 1, START["seed"], flags)
             proc.add_string_argument(
                 "weights", "_Weights",
                 "Empty: the service's VGG-19 ImageNet weights. Or the path of a VGG-19 weights file, or "
@@ -447,19 +454,18 @@ def _define_plugin():
                 if len(drawables) != 1:
                     raise UserError("Select exactly one layer for Neural Style.")
                 drawable = drawables[0]
-                if image.get_base_type() != Gimp.ImageBaseType.RGB or not drawable.is_rgb():
-                    mode = {Gimp.ImageBaseType.GRAY: "greyscale", Gimp.ImageBaseType.INDEXED: "indexed"}.get(
-                        image.get_base_type(), "not RGB")
+                if image.get_base_type() != Gimp.ImageBaseType.RGB:
+                    mode = "indexed" if image.get_base_type() == Gimp.ImageBaseType.INDEXED else "greyscale"
                     raise UserError(f"Neural Style works on RGB images and this one is {mode}. "
                                     "Convert it with Image → Mode → RGB, then run Neural Style again.")
-                if not isinstance(drawable, Gimp.Layer) or isinstance(drawable, Gimp.LayerMask) \
-                        or drawable.is_group_layer():
+                if not isinstance(drawable, Gimp.Layer) or drawable.is_group_layer():
                     raise UserError("Neural Style works on a layer: select a layer (not a mask, channel or group).")
                 if run_mode == Gimp.RunMode.INTERACTIVE and not dialog(procedure, config):
                     return procedure.new_return_values(Gimp.PDBStatusType.CANCEL, None)
                 sys.path.insert(0, HERE)
                 try:
-                    import nst_client  # noqa: F401
+                    import nst_client
+                    del nst_client
                 except ImportError:
                     raise UserError(f"nst_client.py is missing beside the plug-in in {HERE}. "
                                     "Run `nst gimp install` again.") from None
