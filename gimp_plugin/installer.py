@@ -9,6 +9,7 @@ service; optionally a socket path). Installing again upgrades in place.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -22,9 +23,16 @@ CLIENT_FILE = "nst_client.py"
 SETTINGS_FILE = "nst-plugin.json"
 OWNED = (PLUGIN_FILE, CLIENT_FILE, SETTINGS_FILE)
 
-_HERE = Path(__file__).resolve().parent
-PLUGIN_SOURCE = _HERE / PLUGIN_NAME / PLUGIN_FILE
-CLIENT_SOURCE = _HERE.parent / "nst_core" / "service" / "client.py"
+PLUGIN_SOURCE = Path(__file__).resolve().parent / PLUGIN_NAME / PLUGIN_FILE
+
+
+def _client_source() -> Path:
+    """nst_core/service/client.py of the installed nst_core (stdlib only, so finding it is cheap)."""
+    spec = importlib.util.find_spec("nst_core.service.client")
+    if spec is None or not spec.origin:
+        raise InstallError("nst_core.service.client is missing: this Neural Style installation is incomplete; "
+                           "reinstall it.")
+    return Path(spec.origin)
 
 
 class InstallError(Exception):
@@ -82,12 +90,13 @@ def install(dest=None, python: str | None = None, socket: str | None = None, out
     client's default path).
     """
     out = out or sys.stdout
-    for src in (PLUGIN_SOURCE, CLIENT_SOURCE):
+    client_source = _client_source()
+    for src in (PLUGIN_SOURCE, client_source):
         if not src.is_file():
             raise InstallError(f"{src} is missing: this Neural Style installation is incomplete; reinstall it.")
     settings = {"python": python or sys.executable, "socket": socket or None}
     plugin = PLUGIN_SOURCE.read_bytes()
-    client = CLIENT_SOURCE.read_bytes()
+    client = client_source.read_bytes()
     done = []
     for plugins_dir in _targets(dest):
         folder = plugins_dir / PLUGIN_NAME
