@@ -237,6 +237,15 @@ class Journal:
         """Where the input is being moved (processed/ or failed/), decided once."""
         self._update(job_id, None, dest_path=str(dest))
 
+    def forget_stale(self, current: set[tuple[str, str]]) -> int:
+        """Delete queued jobs of rule versions no longer in the config (they are found again by scans)."""
+        with self._lock:
+            rows = self._db.execute("SELECT id, rule, rule_version FROM jobs WHERE state = 'queued'").fetchall()
+            stale = [r[0] for r in rows if (r[1], r[2]) not in current]
+            for job_id in stale:
+                self._db.execute("DELETE FROM jobs WHERE id = ? AND state = 'queued'", (job_id,))
+        return len(stale)
+
     def forget(self, job_id: int) -> None:
         """Delete a queued job (its file vanished, or its rule changed before it ran)."""
         with self._lock:

@@ -165,6 +165,7 @@ class Daemon:
         self._lock_instance(jpath)
         self.journal = Journal(jpath)
         self.recover()
+        self.journal.forget_stale({(r.name, r.version) for r in self.config.rules})
         self.scheduler = Scheduler(devices=self.devices)
         self.scheduler.start()
         if self.socket_path is not None:

@@ -25,6 +25,16 @@ from .config import Config, Rule, is_ignored_name
 
 log = logging.getLogger("nst-daemon")
 
+
+class _QuietStop(logging.Filter):
+    """watchdog logs an ERROR for events that arrive while an observer stops; they are harmless here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "called when the thread is inactive" not in record.getMessage()
+
+
+logging.getLogger("watchdog.observers.inotify").addFilter(_QuietStop())
+
 # File system types whose change notifications do not cover changes made by other machines.
 NETWORK_FS = {
     "nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "virtiofs", "afs", "ceph", "glusterfs", "lustre",

@@ -5,7 +5,6 @@ import socket
 import sqlite3
 import time
 
-import pytest
 
 from daemon.journal import Identity, Journal
 from daemon.notify import Notifier
