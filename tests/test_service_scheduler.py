@@ -43,38 +43,38 @@ def scheduler():
     s.stop(cancel_running=True, timeout=30)
 
 
-def test_interactive_first_fifo_within_priority_and_bounded_queue(scheduler):
+def test_interactive_first_and_bounded_queue():
+    scheduler = Scheduler(devices=("cpu",), max_queue=2)
     started = []
     on_event = lambda name: (lambda kind, data: kind == "started" and started.append(name))  # noqa: E731
     steps = []
-    blocker = scheduler.submit(picture(), [picture(1)], LONG, priority="batch", on_event=on_event("blocker"),
-                               progress=lambda p: steps.append(p.step))
-    wait_for(lambda: steps, what="the blocker to run")
-    batch = scheduler.submit(picture(2), [picture(1)], FAST, priority="batch", on_event=on_event("batch"))
-    first = scheduler.submit(picture(3), [picture(1)], FAST, priority="interactive", on_event=on_event("i1"))
-    second = scheduler.submit(picture(4), [picture(1)], FAST, priority="interactive", on_event=on_event("i2"))
-    assert (batch.position, first.position, second.position) == (0, 0, 1)
-    with pytest.raises(QueueFull):
-        scheduler.submit(picture(), [], FAST.replace(style_weight=0))
-    st = scheduler.status()
-    assert st["workers"][0]["running"]["job_id"] == blocker.id
-    assert [j["job_id"] for j in st["queue"]["jobs"]] == [first.id, second.id, batch.id]
-
-    blocker.cancel()
-    with pytest.raises(Cancelled):
-        blocker.result(30)
-    for job in (first, second, batch):
-        result = job.result(120)
-        assert tuple(result.picture.rgb.shape) == (3, 21, 32)
-    assert started == ["blocker", "i1", "i2", "batch"]
-    assert scheduler.status()["jobs"] == {"done": 3, "failed": 0, "cancelled": 1}
-    cache = scheduler.status()["workers"][0]["cache"]
-    assert cache["style_target_hits"] >= 3, "the same style image must come from the session cache"
+    content_only = FAST.replace(style_weight=0)
+    try:
+        blocker = scheduler.submit(picture(), [], LONG.replace(style_weight=0), priority="batch",
+                                   on_event=on_event("blocker"), progress=lambda p: steps.append(p.step))
+        wait_for(lambda: steps, what="the blocker to run")
+        batch = scheduler.submit(picture(2), [], content_only, priority="batch", on_event=on_event("batch"))
+        inter = scheduler.submit(picture(3), [], content_only, priority="interactive", on_event=on_event("inter"))
+        assert (batch.position, inter.position) == (0, 0)
+        with pytest.raises(QueueFull, match="queue is full"):
+            scheduler.submit(picture(), [], content_only)
+        st = scheduler.status()
+        assert st["workers"][0]["running"]["job_id"] == blocker.id
+        assert [j["job_id"] for j in st["queue"]["jobs"]] == [inter.id, batch.id]
+        blocker.cancel()
+        with pytest.raises(Cancelled):
+            blocker.result(30)
+        for job in (inter, batch):
+            assert tuple(job.result(120).picture.rgb.shape) == (3, 21, 32)
+        assert started == ["blocker", "inter", "batch"]
+        assert scheduler.status()["jobs"] == {"done": 2, "failed": 0, "cancelled": 1}
+    finally:
+        scheduler.stop(cancel_running=True, timeout=30)
 
 
 def test_cancel_queued_job_wrong_device_and_stop(scheduler):
     steps = []
-    running = scheduler.submit(picture(), [], LONG.replace(style_weight=0, iterations=6),
+    running = scheduler.submit(picture(), [], LONG.replace(style_weight=0, iterations=4),
                                progress=lambda p: steps.append(p.step))
     wait_for(lambda: steps, what="the job to run")
     queued = scheduler.submit(picture(), [], FAST.replace(style_weight=0))
@@ -120,3 +120,56 @@ def test_server_reports_a_missing_group(tmp_path, scheduler):
     with pytest.raises(ServiceSetupError, match="no such group"):
         ServiceServer(str(tmp_path / "s.sock"), scheduler, mode=0o660, group="no-such-group-nst").start()
     assert not (tmp_path / "s.sock").exists()
+
+
+def test_second_stop_request_cancels_the_running_job(tmp_path):
+    scheduler = Scheduler(devices=("cpu",))
+    server = ServiceServer(str(tmp_path / "s.sock"), scheduler)  # on_stop="finish"
+    server.start()
+    serving = threading.Thread(target=server.serve_forever)
+    serving.start()
+    steps = []
+    job = scheduler.submit(picture(), [], LONG.replace(style_weight=0), progress=lambda p: steps.append(p.step))
+    wait_for(lambda: steps, what="the job to run")
+    server.request_stop()
+    time.sleep(1.5)
+    assert serving.is_alive() and not job.done(), "the first stop request lets the job finish"
+    assert not (tmp_path / "s.sock").exists(), "no new clients while finishing"
+    server.request_stop()
+    serving.join(30)
+    assert not serving.is_alive()
+    with pytest.raises(ServiceStopping):
+        job.result(0)
+
+
+def test_stop_lets_the_running_job_finish_for_its_client(tmp_path):
+    path = str(tmp_path / "s.sock")
+    scheduler = Scheduler(devices=("cpu",))
+    server = ServiceServer(path, scheduler)  # on_stop="finish"
+    server.start()
+    serving = threading.Thread(target=server.serve_forever)
+    serving.start()
+    events, outcome = [], {}
+    params = {"weights": "random", "size": 32, "iterations": 4, "style_weight": 0}
+
+    def run(name, priority):
+        try:
+            outcome[name] = nc.ServiceClient(path).stylize(nc.RawImage(2, 2, 3, 8, bytes(12)), [], params,
+                                                           priority=priority, on_progress=events.append)
+        except nc.ServiceError as e:
+            outcome[name] = e
+
+    first = threading.Thread(target=run, args=("running", "interactive"))
+    first.start()
+    wait_for(lambda: events or outcome, what="the first job to run")
+    second = threading.Thread(target=run, args=("queued", "batch"))
+    second.start()
+    wait_for(lambda: scheduler.status()["queue"]["batch"] == 1, what="the second job to queue")
+    server.request_stop()
+    first.join(60)
+    second.join(60)
+    serving.join(60)
+    assert isinstance(outcome["running"], nc.RawImage) and outcome["running"].width == 32
+    assert events[-1]["step"] == 4
+    assert isinstance(outcome["queued"], nc.ServiceUnavailable) and "did not run" in outcome["queued"].message
+    assert not os.path.exists(path)

@@ -247,6 +247,13 @@ class Scheduler:
             if w.thread is not None and w.thread is not threading.current_thread():
                 w.thread.join(timeout)
 
+    def cancel_running(self) -> None:
+        """Cancel the jobs that are running now (queued ones stay)."""
+        with self._cond:
+            for w in self._workers:
+                if w.job is not None:
+                    w.job._cancel.set()
+
     def idle(self) -> bool:
         with self._cond:
             return not self._queue and all(w.job is None for w in self._workers)

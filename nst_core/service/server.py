@@ -30,6 +30,7 @@ log = logging.getLogger("nst_core.service")
 PROTOCOL_VERSION = wire.PROTOCOL_VERSION
 MAX_STYLES = 16
 PROGRESS_INTERVAL = 0.05  # seconds between progress events (the first and last always go)
+HELLO_TIMEOUT = 30.0  # a connection that says nothing for this long is closed (it would block idle exit)
 _PAYLOAD_IMAGES = 2  # max_payload holds this many of the largest 16-bit RGBA images
 
 
@@ -195,7 +196,13 @@ class ServiceServer:
                  os.getpid())
 
     def request_stop(self) -> None:
-        """Ask serve_forever() to stop; safe to call from a signal handler."""
+        """Ask serve_forever() to stop; a second request while stopping cancels the running job.
+
+        Safe to call from a signal handler.
+        """
+        if self._stopped and self.owns_scheduler:
+            log.info("asked again to stop: cancelling the running job")
+            self.scheduler.cancel_running()
         self._stop_requested.set()
 
     def serve_forever(self) -> None:
@@ -395,12 +402,15 @@ class _Connection:
 
     def _read_loop(self) -> None:
         try:
+            self.sock.settimeout(HELLO_TIMEOUT)
             while True:
                 header = wire.recv_header(self.sock, wire.MAX_HEADER)
                 try:
                     self._handle(header)
                 except _Skip:
                     pass
+                if self.hello and self.sock.gettimeout() is not None:
+                    self.sock.settimeout(None)
         except wire.ConnectionClosed:
             pass
         except wire.FrameError as e:
