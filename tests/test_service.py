@@ -32,10 +32,10 @@ LONG = {"weights": "random", "size": 32, "iterations": 100_000}
 class Server:
     """`python -m nst_core serve` as a subprocess."""
 
-    def __init__(self, sock: Path, *args: str, log: Path | None = None):
+    def __init__(self, sock: Path, *args: str, log: Path | None = None, device: str = "cpu"):
         self.sock = str(sock)
         self.log = log or Path(f"{sock}.log")
-        self.cmd = [sys.executable, "-m", "nst_core", "serve", "--socket", self.sock, "--device", "cpu", *args]
+        self.cmd = [sys.executable, "-m", "nst_core", "serve", "--socket", self.sock, "--device", device, *args]
         self.proc: subprocess.Popen | None = None
 
     def start(self, wait: bool = True) -> "Server":
@@ -444,3 +444,36 @@ def test_private_service_and_idle_exit(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.gpu
+def test_gpu_out_of_memory_is_a_job_error_and_the_service_stays_up(tmp_path):
+    """Fill the GPU from this process, so that the service's next job runs out of memory."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    srv = Server(tmp_path / "s.sock", device="cuda").start()
+    try:
+        client = srv.client(timeout=60)
+        job = {"weights": "random", "size": 1024, "iterations": 1, "levels": 1}
+        client.stylize(raw(64, 64), [raw(64, 64, 3)], {**job, "size": 64})  # CUDA context and network loaded
+        free, _ = torch.cuda.mem_get_info()
+        hog = torch.empty(free - (256 << 20), dtype=torch.uint8, device="cuda")
+        try:
+            with pytest.raises(nc.ServiceError) as e:
+                client.stylize(raw(64, 64), [raw(64, 64, 3)], job)
+            assert e.value.kind == "out_of_memory" and "out of memory" in e.value.message
+            notices = []
+            out = client.stylize(raw(64, 64), [raw(64, 64, 3)], job, allow_cpu_fallback=True,
+                                 on_status=lambda ev: ev["type"] == "notice" and notices.append(ev["message"]))
+            assert out.width == 1024 and "retrying once on the CPU" in notices[0]
+            assert out.info["device"].startswith("cpu")
+        finally:
+            del hog
+            torch.cuda.empty_cache()
+        out = client.stylize(raw(64, 64), [raw(64, 64, 3)], job)
+        assert out.width == 1024 and out.info["device"].startswith("cuda")
+        assert client.status()["jobs"]["failed"] == 1
+    finally:
+        srv.stop()

@@ -109,11 +109,26 @@ def test_embedded_server_with_group_socket(tmp_path, scheduler):
                                              {"weights": "random", "size": 32, "iterations": 2, "style_weight": 0},
                                              on_progress=events.append)
         assert (out.width, out.height, out.channels) == (32, 32, 3) and events[-1]["step"] == 2
+        # Stopping the socket (not the scheduler) ends its clients' jobs as "unavailable".
+        outcome, events = [], []
+        gimp = threading.Thread(target=lambda: outcome.append(_attempt(
+            path, {"weights": "random", "size": 32, "iterations": 100_000, "style_weight": 0}, events)))
+        gimp.start()
+        wait_for(lambda: events or outcome, what="the client's job to run")
     finally:
         server.stop()
+    gimp.join(30)
+    assert isinstance(outcome[0], nc.ServiceUnavailable) and "shutting down" in outcome[0].message, outcome
     assert not os.path.exists(path)
     # The daemon's scheduler outlives the socket.
     assert scheduler.submit(picture(), [], FAST.replace(style_weight=0)).result(60).picture.width == 32
+
+
+def _attempt(path, params, events):
+    try:
+        return nc.ServiceClient(path).stylize(nc.RawImage(2, 2, 3, 8, bytes(12)), [], params, on_progress=events.append)
+    except nc.ServiceError as e:
+        return e
 
 
 def test_server_reports_a_missing_group(tmp_path, scheduler):

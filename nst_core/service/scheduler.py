@@ -71,6 +71,7 @@ class JobHandle:
         self._eligible = eligible
         self._cancel = threading.Event()
         self._cancel_requested = False
+        self._stopped_by_service = False
         self._done = threading.Event()
         self._lock = threading.Lock()
         self._callbacks: list[Callable[[JobHandle], None]] = []
@@ -85,6 +86,12 @@ class JobHandle:
 
     def done(self) -> bool:
         return self._done.is_set()
+
+    def _cancel_for_stop(self) -> None:
+        """Cancel because the service is going away: the job ends with ServiceStopping."""
+        self._stopped_by_service = True
+        self._cancel.set()
+        self._scheduler._dequeue(self, ServiceStopping("the service is shutting down; the job did not run"))
 
     def result(self, timeout: float | None = None):
         """The engine's Result; raises the job's NSTError (Cancelled when cancelled)."""
@@ -289,7 +296,7 @@ class Scheduler:
             if job not in self._queue:
                 return
             self._queue.remove(job)
-            self.counts["cancelled"] += 1
+            self.counts["cancelled" if isinstance(error, Cancelled) else "failed"] += 1
             self.last_activity = time.monotonic()
         job._finish(error=error)
 
@@ -346,7 +353,7 @@ class Scheduler:
                                  cancel=job._cancel, session=self._cpu())
             job._finish(result=result)
         except Cancelled as e:
-            if self._stopping and not job._cancel_requested:
+            if job._stopped_by_service or (self._stopping and not job._cancel_requested):
                 e = ServiceStopping("the service is shutting down; the job was stopped")
             job._finish(error=e)
         except NSTError as e:

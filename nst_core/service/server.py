@@ -232,7 +232,7 @@ class ServiceServer:
             self.scheduler.stop(cancel_running=self.on_stop == "cancel", timeout=timeout)
         else:
             for c in conns:
-                c.cancel_job()
+                c.cancel_job(for_stop=True)
         for c in conns:
             c.finish_deliveries(timeout=30)
             c.close_after_pending()
@@ -431,10 +431,10 @@ class _Connection:
                 self.sock.close()
             self.server._forget(self)
 
-    def cancel_job(self) -> None:
+    def cancel_job(self, for_stop: bool = False) -> None:
         job = self.job
         if job is not None and not job.done():
-            job.cancel()
+            job._cancel_for_stop() if for_stop else job.cancel()
 
     def finish_deliveries(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
