@@ -138,7 +138,9 @@ BAD_INPUTS = {
 
 def test_bad_inputs_each_fail_alone_with_a_clear_reason(tmp_path):
     cfg = make_config(tmp_path, [{"rule": "r", "watch": "inbox", "output": "out"},
-                                 {"rule": "polled", "watch": "net", "output": "out-net", "poll": True}],
+                                 {"rule": "polled", "watch": "net", "output": "out-net", "poll": True},
+                                 {"rule": "noweights", "watch": "in-w", "output": "out-w",
+                                  "params": {"weights": str(tmp_path / "missing" / "vgg19.pth")}}],
                       settings={"settle": 0.3, "poll_interval": 0.5})
     inbox = tmp_path / "inbox"
     outside = write_image(tmp_path / "outside" / "secret.png", 5)
@@ -162,6 +164,7 @@ def test_bad_inputs_each_fail_alone_with_a_clear_reason(tmp_path):
         os.symlink(outside, inbox / "escape.png")
         write_image(inbox / "good2.png", 6)
         write_image(tmp_path / "net" / "remote.png", 7)
+        write_image(tmp_path / "in-w" / "waits.png", 8)
         failed = inbox / "failed"
         wait_until(lambda: len(list(failed.glob("*.error.json"))) == len(BAD_INPUTS)
                    and len(files(tmp_path / "out")) == 2 and files(tmp_path / "out-net"), 120, "every input to end")
@@ -174,6 +177,10 @@ def test_bad_inputs_each_fail_alone_with_a_clear_reason(tmp_path):
         assert sorted(p.name for p in files(tmp_path / "out")) == ["good1_r.png", "good2_r.png"]
         assert sorted(p.name for p in files(inbox / "processed")) == ["good1.png", "good2.png"]
         assert [p.name for p in files(tmp_path / "out-net")] == ["remote_polled.png"]
+        # Missing weights are the machine's problem, not the file's: it waits (and says why) instead of failing.
+        d.wait_log("rule noweights:")
+        assert "its files wait" in d.wait_log("rule noweights:") and "<3>rule noweights" in d.text
+        assert (tmp_path / "in-w" / "waits.png").exists() and not (tmp_path / "in-w" / "failed").exists()
         assert d.proc.poll() is None  # still running
         assert d.text.count("<4>") >= len(BAD_INPUTS)  # each failure logged as a warning
         assert d.stop() == 0
@@ -184,14 +191,17 @@ def test_bad_inputs_each_fail_alone_with_a_clear_reason(tmp_path):
 
 def test_notify_reload_keeps_old_rules_on_error_and_stops_cleanly(tmp_path):
     rules = [{"rule": "a", "watch": "in-a", "output": "out-a"}]
-    cfg = make_config(tmp_path, rules)
+    sock = tmp_path / "nst.sock"
+    cfg = make_config(tmp_path, rules, settings={"socket": str(sock)})
     listener = NotifyListener()
     env = {"NOTIFY_SOCKET": listener.name, "WATCHDOG_USEC": "1000000"}
     try:
         with Daemon(cfg, env=env) as d:
             d.start(wait_ready=False)
             ready = listener.wait_for("READY", "1", timeout=120)
-            assert "ready:" in d.text  # READY=1 only after the journal, socket, watchers and workers are up
+            # READY=1 only once the journal and the job service socket are there.
+            assert sock.is_socket() and (tmp_path / "state" / "journal.sqlite").exists()
+            d.wait_log("ready:", timeout=10)
             assert "queued" in ready["STATUS"] and "idle" in ready["STATUS"]
             listener.wait_for("WATCHDOG", "1", after=len(listener.messages))  # fed while idle
             write_image(tmp_path / "in-a" / "x.png", 1)
@@ -199,7 +209,8 @@ def test_notify_reload_keeps_old_rules_on_error_and_stops_cleanly(tmp_path):
             listener.wait_for("STATUS", "1 done")
 
             # A good reload: a new rule appears; RELOADING=1 with MONOTONIC_USEC, then READY=1.
-            make_config(tmp_path, rules + [{"rule": "b", "watch": "in-b", "output": "out-b"}])
+            make_config(tmp_path, rules + [{"rule": "b", "watch": "in-b", "output": "out-b"}],
+                        settings={"socket": str(sock)})
             mark = len(listener.messages)
             t_sent = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
             d.signal(signal.SIGHUP)
@@ -225,12 +236,12 @@ def test_notify_reload_keeps_old_rules_on_error_and_stops_cleanly(tmp_path):
             assert d.proc.poll() is None
 
             # reload_on_change: editing the file is enough.
-            make_config(tmp_path, rules, settings={"reload_on_change": True})
+            make_config(tmp_path, rules, settings={"reload_on_change": True, "socket": str(sock)})
             d.signal(signal.SIGHUP)
             d.wait_log("reloaded", start=start)
             start = len(d.lines)
             make_config(tmp_path, rules + [{"rule": "c", "watch": "in-c", "output": "out-c"}],
-                        settings={"reload_on_change": True})
+                        settings={"reload_on_change": True, "socket": str(sock)})
             d.wait_log("changed; reloading", start=start, timeout=30)
             d.wait_log("c (new)", start=start)
 
