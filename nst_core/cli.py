@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("-o", "--output", required=True, help="output file; its extension picks the format (png, jpg, webp, tif)")
     _add_param_options(st)
     st.add_argument("--save-every", type=int, default=0, metavar="N",
-                    help="also write the image every N steps as OUT_stepNNNNN.ext (0: never)")
+                    help="also write the image every N steps as OUT_stepNNNNN.ext (default: 0, never)")
     st.add_argument("--json", action="store_true", help="print one JSON object per progress event on stdout")
     st.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     st.set_defaults(func=cmd_stylize)
@@ -74,7 +74,10 @@ def _add_param_options(parser: argparse.ArgumentParser) -> None:
         flag = _RENAMED.get(f.name, "--" + f.name.replace("_", "-"))
         default = StyleParams.default(f.name)
         shown = _show(default)
-        kwargs = {"dest": f.name, "default": None, "help": f"{StyleParams.help(f.name)} (default: {shown})"}
+        text = StyleParams.help(f.name)
+        if "(default:" not in text:  # style_blend and learning_rate say their default in words
+            text = f"{text} (default: {shown})"
+        kwargs = {"dest": f.name, "default": None, "help": text}
         if f.type == "bool":
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
@@ -128,9 +131,9 @@ def _int_option(name, value):
 # ---- nst stylize ----------------------------------------------------------------------------------
 
 def cmd_stylize(args) -> int:
+    params = params_from_args(args)  # before torch loads, so that a bad option is reported at once
     from . import engine, images
 
-    params = params_from_args(args)
     out = Path(args.output)
     inputs = [Path(args.content), *map(Path, args.styles)]
     if params.init not in ("noise", "content", "style"):

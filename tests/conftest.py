@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import os
+
 import pytest
+
+# Several test runs share two cores here. OpenMP's default (spinning) wait makes torch's small
+# operations up to ten times slower when its threads compete with other processes for the cores;
+# sleeping threads keep the test run's wall time near its CPU time. Set before torch is imported,
+# and inherited by the `nst` subprocesses the tests start.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # Real images (public-domain paintings and a CC BY photograph) live beside the project, never in it.
 SHARED_IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "images"

@@ -1,0 +1,333 @@
+"""The `nst` command as scripts run it: `python -m nst_core ...` in a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from nst_core.params import StyleParams
+
+REPO = Path(__file__).resolve().parents[1]
+RANDOM_NOTE = "made with random (untrained) VGG-19 weights"
+TINY = ["--size", "32", "--iterations", "3", "--weights", "random", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def env(nst_cache_dir, tmp_path_factory) -> dict:
+    """The environment of every `nst` run here: a shared NST cache, a private torch home, no
+    weights variables, a wide terminal (one help entry per block), no progress bar timing."""
+    e = dict(os.environ)
+    for k in ("NST_WEIGHTS", "NST_WEIGHTS_URL", "XDG_CACHE_HOME"):
+        e.pop(k, None)
+    e["NST_CACHE_DIR"] = str(nst_cache_dir)
+    e["TORCH_HOME"] = str(tmp_path_factory.mktemp("torch-home"))
+    e["COLUMNS"] = "200"
+    e["PYTHONUNBUFFERED"] = "1"
+    return e
+
+
+def nst(env, *args, extra_env=None, timeout=300) -> subprocess.CompletedProcess:
+    run_env = dict(env, **(extra_env or {}))
+    return subprocess.run([sys.executable, "-m", "nst_core", *map(str, args)], cwd=REPO, env=run_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def content(shared_image) -> Path:
+    return shared_image("tubingen.jpg")
+
+
+@pytest.fixture(scope="module")
+def style(shared_image) -> Path:
+    return shared_image("starry_night.jpg")
+
+
+def assert_usage_error(proc, *needles):
+    """Exit 2, a one-line `nst:` message naming what is wrong, no traceback."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    for needle in needles:
+        assert needle.lower() in proc.stderr.lower(), (needle, proc.stderr)
+
+
+# ---- help ---------------------------------------------------------------------------------------
+
+def help_blocks(text: str) -> dict[str, str]:
+    """Option → its help text, from argparse's layout (an entry starts with two spaces and a dash)."""
+    blocks, current = {}, None
+    for line in text.splitlines():
+        m = re.match(r"^  (-\S.*)$", line)
+        if m:
+            current = m.group(1)
+            names = re.findall(r"(--?[\w-]+)", current.split("  ")[0])
+            for n in names:
+                blocks[n] = current
+            key = names
+        elif current is not None and line.startswith("    "):
+            for n in key:
+                blocks[n] += " " + line.strip()
+        else:
+            current = None
+    return {k: re.sub(r"\s+", " ", v) for k, v in blocks.items()}
+
+
+def test_help_shows_the_options_scripts_rely_on_with_defaults(env):
+    proc = nst(env, "stylize", "--help")
+    assert proc.returncode == 0, proc.stderr
+    blocks = help_blocks(proc.stdout)
+    d = StyleParams()
+    expected_defaults = {
+        "--size": str(d.size), "--iterations": str(d.iterations), "--weights": d.weights, "--seed": str(d.seed),
+        "--device": d.device, "--init": d.init, "--ratio": f"{d.ratio:g}", "--preserve-color": d.preserve_color,
+        "--save-every": "0",
+    }
+    for option, default in expected_defaults.items():
+        assert option in blocks, f"{option} missing from nst stylize --help"
+        assert f"(default: {default}" in blocks[option], (option, blocks[option])
+    assert "--json" in blocks
+    # the paper's values, from the one source of defaults
+    assert "(default: 512)" in blocks["--size"] and "(default: 0.001" in blocks["--ratio"]
+    assert "relu4_2" in blocks["--content-layers"] and "relu5_1:0.2" in blocks["--style-layers"]
+    assert "(default: avg)" in blocks["--pooling"] and "(default: lbfgs)" in blocks["--optimizer"]
+    # choices are shown where there are choices
+    assert "imagenet|random|PATH" in blocks["--weights"]
+    assert "none|luminance|histogram" in blocks["--preserve-color"]
+    # every option says its default once, and none is an unhelpful "None"
+    for option, text in blocks.items():
+        assert text.count("(default:") <= 1, (option, text)
+    assert "(default: None)" not in proc.stdout
+
+
+def test_no_command_is_a_usage_error(env):
+    proc = nst(env)
+    assert proc.returncode == 2
+    assert "stylize" in proc.stderr
+
+
+# ---- a tiny run ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_run(env, content, style, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny") / "out.png"
+    proc = nst(env, "stylize", content, style, "-o", out, *TINY, "--seed", "5")
+    return proc, out
+
+
+def test_a_tiny_run_writes_the_output_and_says_random_weights(tiny_run):
+    proc, out = tiny_run
+    assert proc.returncode == 0, proc.stderr
+    with Image.open(out) as im:
+        assert im.format == "PNG"
+        assert im.size == (32, 24)  # tubingen is 4:3
+        text = dict(im.text)
+    assert RANDOM_NOTE in proc.stderr
+    assert str(out) in proc.stderr
+    assert RANDOM_NOTE in text.get("nst:note", "")
+    assert json.loads(text["nst:params"])["seed"] == 5
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out.png"]  # nothing else left behind
+
+
+def test_same_seed_same_bytes_other_seed_other_pixels(env, content, style, tiny_run, tmp_path):
+    _, first = tiny_run
+    again, other = tmp_path / "again.png", tmp_path / "other.png"
+    assert nst(env, "stylize", content, style, "-o", again, *TINY, "--seed", "5", "-q").returncode == 0
+    assert nst(env, "stylize", content, style, "-o", other, *TINY, "--seed", "6", "-q").returncode == 0
+    assert again.read_bytes() == first.read_bytes()
+    with Image.open(first) as a, Image.open(other) as b:
+        assert not np.array_equal(np.asarray(a), np.asarray(b))
+
+
+# ---- --json and --save-every --------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def json_run(env, content, style, tmp_path_factory):
+    out = tmp_path_factory.mktemp("json") / "result.png"
+    proc = nst(env, "stylize", content, style, "-o", out, "--size", "32", "--iterations", "5", "--weights",
+               "random", "--device", "cpu", "--json", "--save-every", "2")
+    return proc, out
+
+
+def test_json_prints_one_object_per_event(json_run):
+    proc, out = json_run
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    events = [json.loads(line) for line in lines]  # every line is one JSON object
+    progress = [e for e in events if e["event"] == "progress"]
+    assert [e["step"] for e in progress] == [1, 2, 3, 4, 5]
+    for e in progress:
+        assert e["total"] == 5
+        assert set(e["losses"]) >= {"total", "content", "style"}
+        assert all(isinstance(v, (int, float)) for v in e["losses"].values())
+        assert isinstance(e["elapsed"], (int, float)) and isinstance(e["eta"], (int, float))
+    done = events[-1]
+    assert done["event"] == "done"
+    assert done["output"] == str(out)
+    assert RANDOM_NOTE in done["note"]
+    assert set(done["losses"]) >= {"total", "content", "style"}
+    assert len(events) == len(progress) + 1
+
+
+def test_save_every_writes_intermediate_images(json_run):
+    proc, out = json_run
+    assert proc.returncode == 0, proc.stderr
+    names = sorted(p.name for p in out.parent.iterdir())
+    # steps 2 and 4 of 5; the last step is the output itself
+    assert names == ["result.png", "result_step00002.png", "result_step00004.png"]
+    for name in names:
+        with Image.open(out.parent / name) as im:
+            assert im.size == (32, 24)
+    with Image.open(out.parent / "result_step00002.png") as a, Image.open(out) as b:
+        assert not np.array_equal(np.asarray(a), np.asarray(b))
+
+
+# ---- alpha ---------------------------------------------------------------------------------------
+
+def test_alpha_survives_the_command(env, content, style, tmp_path):
+    with Image.open(content) as im:
+        rgb = np.asarray(im.convert("RGB").resize((40, 30), Image.LANCZOS))
+    alpha = np.random.default_rng(7).integers(0, 256, size=(30, 40), dtype=np.uint8)
+    alpha[:5] = 0
+    alpha[-5:] = 255
+    src = tmp_path / "in.png"
+    Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(src)
+    out = tmp_path / "out.png"
+    proc = nst(env, "stylize", src, style, "-o", out, "--size", "40", "--iterations", "2", "--weights", "random",
+               "--device", "cpu", "-q")
+    assert proc.returncode == 0, proc.stderr
+    with Image.open(out) as im:
+        assert im.mode == "RGBA" and im.size == (40, 30)
+        assert np.array_equal(np.asarray(im)[..., 3], alpha)
+
+
+# ---- bad input: exit 2, the file and the problem named, nothing written ---------------------------
+
+@pytest.fixture
+def out_dir(tmp_path) -> Path:
+    d = tmp_path / "out"
+    d.mkdir()
+    return d
+
+
+def test_missing_content_file(env, style, tmp_path, out_dir):
+    missing = tmp_path / "no-such-photo.jpg"
+    proc = nst(env, "stylize", missing, style, "-o", out_dir / "o.png", *TINY)
+    assert_usage_error(proc, str(missing), "no such file")
+    assert list(out_dir.iterdir()) == []
+
+
+def test_style_that_is_not_an_image(env, content, tmp_path, out_dir):
+    fake = tmp_path / "x.jpg"
+    fake.write_text("this is a text file with an image's name\n")
+    proc = nst(env, "stylize", content, fake, "-o", out_dir / "o.png", *TINY)
+    assert_usage_error(proc, str(fake), "not an image")
+    # the output appears whole or not at all: no output, no temporary file
+    assert list(out_dir.iterdir()) == []
+
+
+def test_truncated_jpeg(env, content, tmp_path, out_dir):
+    data = content.read_bytes()
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(data[: len(data) * 6 // 10])
+    proc = nst(env, "stylize", content, cut, "-o", out_dir / "o.png", *TINY)
+    assert_usage_error(proc, str(cut), "truncated")
+    assert list(out_dir.iterdir()) == []
+
+
+def test_unknown_output_extension(env, content, style, out_dir):
+    target = out_dir / "x.xyz"
+    proc = nst(env, "stylize", content, style, "-o", target, *TINY)
+    assert_usage_error(proc, str(target), "extension", ".png")
+    assert list(out_dir.iterdir()) == []
+
+
+def test_output_that_is_an_input_is_refused(env, style, tmp_path, content):
+    src = tmp_path / "photo.png"
+    with Image.open(content) as im:
+        im.convert("RGB").resize((40, 30)).save(src)
+    before = src.read_bytes()
+    (tmp_path / "sub").mkdir()
+    # the same file under another spelling of its path
+    proc = nst(env, "stylize", src, style, "-o", tmp_path / "sub" / ".." / "photo.png", *TINY)
+    assert_usage_error(proc, "photo.png", "input")
+    assert src.read_bytes() == before
+    # a style given as the output is refused too
+    style_copy = tmp_path / "style.png"
+    shutil.copy(src, style_copy)
+    proc = nst(env, "stylize", content, style_copy, "-o", style_copy, *TINY)
+    assert_usage_error(proc, "style.png", "input")
+    assert style_copy.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photo.png", "style.png", "sub"]
+
+
+@pytest.mark.parametrize("option,value,needles", [
+    ("--size", "abc", ("size", "abc")),
+    ("--iterations", "1.5", ("iterations", "1.5")),
+    ("--preserve-color", "foo", ("preserve", "foo", "luminance")),
+    ("--style-layers", "relu9_9", ("style", "relu9_9")),
+    ("--pooling", "median", ("pooling", "median")),
+    ("--ratio", "x", ("ratio", "x")),
+])
+def test_bad_option_value(env, content, style, out_dir, option, value, needles):
+    proc = nst(env, "stylize", content, style, "-o", out_dir / "o.png", *TINY, option, value)
+    assert_usage_error(proc, *needles)
+    assert list(out_dir.iterdir()) == []
+
+
+def test_no_style_images_with_the_default_weights(env, content, out_dir):
+    proc = nst(env, "stylize", content, "-o", out_dir / "o.png", *TINY)
+    assert_usage_error(proc, "style")
+    assert list(out_dir.iterdir()) == []
+
+
+# ---- weights, offline -----------------------------------------------------------------------------
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again when this returns: connections are refused
+
+
+def test_imagenet_weights_offline_say_what_to_fetch_and_where(env, content, style, tmp_path, out_dir):
+    torch_home, cache = tmp_path / "torch-home", tmp_path / "nst-cache"
+    url = f"http://127.0.0.1:{closed_port()}/models/vgg19-dcbb9e9d.pth"
+    proc = nst(env, "stylize", content, style, "-o", out_dir / "o.png", "--size", "32", "--iterations", "2",
+               "--weights", "imagenet", "--device", "cpu",
+               extra_env={"TORCH_HOME": str(torch_home), "NST_CACHE_DIR": str(cache), "NST_WEIGHTS_URL": url})
+    where = torch_home / "hub" / "checkpoints" / "vgg19-dcbb9e9d.pth"
+    assert_usage_error(proc, "vgg19-dcbb9e9d.pth", str(where), url, "NST_WEIGHTS")
+    assert list(out_dir.iterdir()) == []
+    # no partial download left behind
+    checkpoints = torch_home / "hub" / "checkpoints"
+    assert not checkpoints.exists() or list(checkpoints.iterdir()) == []
+
+
+# ---- whole or not at all --------------------------------------------------------------------------
+
+def test_interrupted_run_writes_nothing(env, content, style, out_dir):
+    target = out_dir / "o.png"
+    args = [sys.executable, "-m", "nst_core", "stylize", str(content), str(style), "-o", str(target),
+            "--size", "48", "--iterations", "100000", "--weights", "random", "--device", "cpu", "--json"]
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = json.loads(proc.stdout.readline())  # the run is under way
+        assert first["event"] == "progress"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert list(out_dir.iterdir()) == []
