@@ -281,7 +281,7 @@ class _Run:
 
         def closure():
             opt.zero_grad(set_to_none=True)
-            feats = self._features(x, layers) if layers else {}
+            feats = self._features(self._seen(x), layers) if layers else {}
             c = sum((w * losses.content_loss(feats[n], content_targets[n]) for n, w in self.content_layers.items()),
                     x.new_zeros(()))
             s = sum((w * losses.style_layer_loss(feats[n], style_targets[n]) for n, w in self.style_layers.items()),
@@ -328,7 +328,7 @@ class _Run:
         if tuple(x.shape[-2:]) != (h, w):
             x = resize(x, h, w)
         if self.p.preserve_color == "luminance":
-            x = color.combine_luminance(x[:1], resize(self.content.rgb, h, w).to(x.device))
+            x = color.combine_luminance(color.luminance(x), resize(self.content.rgb, h, w).to(x.device))
         x = x.clamp(0, 1).cpu()
         alpha = self.content.alpha
         if alpha is not None and tuple(alpha.shape) != (h, w):
