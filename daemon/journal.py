@@ -215,6 +215,10 @@ class Journal:
                 "WHERE id = ? AND state = 'queued'", (owner, time.time(), job_id)).rowcount == 1
         return self.get(job_id) if taken else None
 
+    def give_up(self, job_id: int, error: dict) -> bool:
+        """queued → failed without another run (a job the daemon kept dying in)."""
+        return self._update(job_id, "queued", state="failed", error=json.dumps(error))
+
     def set_output(self, job_id: int, out_path, prior: Identity | None) -> None:
         """Record where the output goes (and what was there) before writing it."""
         self._update(job_id, "running", out_path=str(out_path), out_prior=prior.to_json() if prior else None)

@@ -202,8 +202,10 @@ class Worker(threading.Thread):
         if job.attempts >= ctx.config.settings.max_attempts:
             message = (f"gave up after {job.attempts} attempts: the daemon stopped while running this job each time "
                        "(a crash, the watchdog or the out-of-memory killer)")
-            if journal.claim(job.id, ctx.owner):
-                self.fail(journal.get(job.id), item, rule, {"kind": "crashed", "message": message})
+            if journal.give_up(job.id, {"kind": "crashed", "message": message}):
+                ctx.stats.count("failed")
+                log.warning("%s: failed (rule %s): %s", item.path, rule.name, message)
+                self.finish_input(journal.get(job.id), item, rule, ok=False)
             return
         job = journal.claim(job.id, ctx.owner)
         if job is None:

@@ -406,7 +406,8 @@ def test_restart_after_a_crash_at_each_point_of_the_write(tmp_path):
 
     cases = ("after", "before", "overwrite")
     cfg = make_config(tmp_path, [{"rule": c, "watch": f"in-{c}", "output": f"out-{c}",
-                                  "on_collision": "overwrite" if c == "overwrite" else "number"} for c in cases])
+                                  "on_collision": "overwrite" if c == "overwrite" else "number"}
+                                 for c in cases + ("poison",)], settings={"max_attempts": 3})
     rules = {r.name: r for r in load_config(cfg).rules}
     j = Journal(tmp_path / "state" / "journal.sqlite")
     targets = {}
@@ -425,12 +426,19 @@ def test_restart_after_a_crash_at_each_point_of_the_write(tmp_path):
         else:
             old = write_image(target, 77)  # an output of an earlier input with the same name
             j.set_output(job.id, target, Identity.at(old))
+    # A job the daemon died in three times (max_attempts) fails instead of killing it a fourth time.
+    src = write_image(tmp_path / "in-poison" / "a.png", 9)
+    job = j.add(file_hash(src), "poison", rules["poison"].version, src, Identity.at(src))
+    for _ in range(3):
+        j.claim(job.id, "main")
+        j.requeue(job.id, count_attempt=True)
     j.close()
     kept = targets["after"].stat().st_ino
     old_bytes = targets["overwrite"].read_bytes()
     with Daemon(cfg) as d:
         d.start()
-        wait_until(lambda: all(files(tmp_path / f"in-{c}" / "processed") for c in cases), 90, "every job to end")
+        wait_until(lambda: all(files(tmp_path / f"in-{c}" / "processed") for c in cases)
+                   and files(tmp_path / "in-poison" / "failed"), 90, "every job to end")
         assert f"{tmp_path / 'in-after' / 'a.png'}: its output {targets['after']} was written before" in d.text
         assert f"{tmp_path / 'in-before' / 'a.png'}: was running when the daemon stopped (attempt 1)" in d.text
         assert f"{tmp_path / 'in-overwrite' / 'a.png'}: was running when the daemon stopped" in d.text
@@ -439,5 +447,8 @@ def test_restart_after_a_crash_at_each_point_of_the_write(tmp_path):
         assert [p.name for p in (tmp_path / f"out-{c}").iterdir()] == [f"a_{c}.png"], c  # one output, no temp
     assert targets["after"].stat().st_ino == kept  # not written twice
     assert targets["overwrite"].read_bytes() != old_bytes
+    side = sidecar(tmp_path / "in-poison" / "failed" / "a.png")
+    assert side["error"]["kind"] == "crashed" and "gave up after 3 attempts" in side["message"]
+    assert side["attempts"] == 3 and not files(tmp_path / "out-poison")
     rows = {r["rule"]: (r["state"], r["attempts"]) for r in journal_rows(tmp_path / "state" / "journal.sqlite")}
-    assert rows == {"after": ("done", 1), "before": ("done", 2), "overwrite": ("done", 2)}
+    assert rows == {"after": ("done", 1), "before": ("done", 2), "overwrite": ("done", 2), "poison": ("failed", 3)}
