@@ -396,6 +396,8 @@ def test_dry_run_lists_what_it_would_do_and_touches_nothing(tmp_path):
 def test_restart_after_a_crash_at_each_point_of_the_write(tmp_path):
     """The journal and files exactly as a kill -9 leaves them at three points of a job, then a restart.
 
+    (The same run checks the skip and number collision policies and max_attempts.)
+
     after: the output was renamed into place, the journal not yet updated → done, no second output.
     before: killed while writing (save_image's temporary file is there) → cleaned, run again.
     overwrite: an older output sat at the name and was not yet replaced → run again, replaced.
@@ -407,7 +409,10 @@ def test_restart_after_a_crash_at_each_point_of_the_write(tmp_path):
     cases = ("after", "before", "overwrite")
     cfg = make_config(tmp_path, [{"rule": c, "watch": f"in-{c}", "output": f"out-{c}",
                                   "on_collision": "overwrite" if c == "overwrite" else "number"}
-                                 for c in cases + ("poison",)], settings={"max_attempts": 3})
+                                 for c in cases + ("poison",)]
+                      + [{"rule": "skip", "watch": "in-skip", "output": "out-skip", "on_collision": "skip"},
+                         {"rule": "number", "watch": "in-number", "output": "out-number"}],
+                      settings={"max_attempts": 3})
     rules = {r.name: r for r in load_config(cfg).rules}
     j = Journal(tmp_path / "state" / "journal.sqlite")
     targets = {}
@@ -433,12 +438,18 @@ def test_restart_after_a_crash_at_each_point_of_the_write(tmp_path):
         j.claim(job.id, "main")
         j.requeue(job.id, count_attempt=True)
     j.close()
+    # And the collision policies, with an output of an earlier input already at the name.
+    for c in ("skip", "number"):
+        write_image(tmp_path / f"out-{c}" / f"a_{c}.png", 50)
+        write_image(tmp_path / f"in-{c}" / "a.png", 51)
+    earlier = (tmp_path / "out-skip" / "a_skip.png").read_bytes()
     kept = targets["after"].stat().st_ino
     old_bytes = targets["overwrite"].read_bytes()
     with Daemon(cfg) as d:
         d.start()
         wait_until(lambda: all(files(tmp_path / f"in-{c}" / "processed") for c in cases)
-                   and files(tmp_path / "in-poison" / "failed"), 90, "every job to end")
+                   and files(tmp_path / "in-poison" / "failed") and files(tmp_path / "in-skip" / "processed")
+                   and files(tmp_path / "in-number" / "processed"), 90, "every job to end")
         assert f"{tmp_path / 'in-after' / 'a.png'}: its output {targets['after']} was written before" in d.text
         assert f"{tmp_path / 'in-before' / 'a.png'}: was running when the daemon stopped (attempt 1)" in d.text
         assert f"{tmp_path / 'in-overwrite' / 'a.png'}: was running when the daemon stopped" in d.text
@@ -450,5 +461,9 @@ def test_restart_after_a_crash_at_each_point_of_the_write(tmp_path):
     side = sidecar(tmp_path / "in-poison" / "failed" / "a.png")
     assert side["error"]["kind"] == "crashed" and "gave up after 3 attempts" in side["message"]
     assert side["attempts"] == 3 and not files(tmp_path / "out-poison")
+    assert [p.name for p in files(tmp_path / "out-skip")] == ["a_skip.png"]
+    assert (tmp_path / "out-skip" / "a_skip.png").read_bytes() == earlier  # skip: left alone
+    assert [p.name for p in files(tmp_path / "out-number")] == ["a_number-1.png", "a_number.png"]
     rows = {r["rule"]: (r["state"], r["attempts"]) for r in journal_rows(tmp_path / "state" / "journal.sqlite")}
-    assert rows == {"after": ("done", 1), "before": ("done", 2), "overwrite": ("done", 2), "poison": ("failed", 3)}
+    assert rows == {"after": ("done", 1), "before": ("done", 2), "overwrite": ("done", 2), "poison": ("failed", 3),
+                    "skip": ("done", 1), "number": ("done", 1)}

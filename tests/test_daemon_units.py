@@ -174,3 +174,23 @@ def test_settle_drops_vanished_files(tmp_path):
     s = Settler(0)
     s.add(tmp_path / "gone.jpg", "r", tmp_path)
     assert s.ready() == [] and len(s) == 0
+
+
+def test_watchdog_is_fed_only_while_idle_or_progressing(tmp_path):
+    from pathlib import Path
+
+    from daemon.main import Daemon
+    from daemon.worker import Item, Running
+    from daemon_util import make_config
+    from daemon.config import load_config
+
+    cfg = load_config(make_config(tmp_path, [{"rule": "r", "watch": "in", "output": "out"}],
+                                  settings={"stall_timeout": 5}))
+    d = Daemon(cfg, env={})
+    assert d.healthy()  # idle
+    now = time.monotonic()
+    d.running[0] = Running(Item(1, Path("x.png"), "r", "v", tmp_path), now - 60, now - 1)
+    assert d.healthy()  # progress a second ago
+    d.running[0].last_progress = now - 6
+    assert not d.healthy()  # stalled longer than stall_timeout: systemd's watchdog will fire
+    assert "running x.png (r) step 0/0" in d.status_text()
