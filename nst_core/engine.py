@@ -179,7 +179,7 @@ class _Run:
         self.started = started
         self.fmt = devices.memory_format(device)
         self.out_h, self.out_w = fit(content.height, content.width, params.size)
-        self.levels = params.level_sizes()
+        self.levels = _feasible_levels(params, content)
         self.total = sum(n for _, n in self.levels)
         self.content_layers = {k: w for k, w in params.content_layers.items() if w > 0} if params.content_weight > 0 else {}
         self.style_layers = {k: w for k, w in params.style_layers.items() if w > 0} if params.style_weight > 0 else {}
@@ -364,6 +364,32 @@ def resize_alpha(alpha: torch.Tensor, h: int, w: int, maxval: int) -> torch.Tens
     a = F.interpolate(alpha[None, None].float() / maxval, size=(h, w), mode="bilinear", align_corners=False,
                       antialias=True)[0, 0]
     return (a.clamp(0, 1) * maxval).round().to(torch.int32)
+
+
+def min_side(params: StyleParams) -> int:
+    """The shortest image side the network can take: each pooling before the last layer halves it."""
+    from .params import VGG19_LAYERS
+
+    last = VGG19_LAYERS.index(params.used_layers[-1])
+    return 2 ** sum(1 for n in VGG19_LAYERS[:last] if n.startswith("pool"))
+
+
+def _feasible_levels(params: StyleParams, content: Picture) -> list[tuple[int, int]]:
+    """The coarse-to-fine levels, with levels too small for the network folded into the next one."""
+    need = min_side(params)
+    levels, carried = [], 0
+    for side, iters in params.level_sizes():
+        h, w = fit(content.height, content.width, side)
+        if min(h, w) < need and side != params.size:
+            carried += iters
+            continue
+        levels.append((side, iters + carried))
+        carried = 0
+    h, w = fit(content.height, content.width, params.size)
+    if min(h, w) < need:
+        raise ParamError("size", f"{params.size} makes {content.source or 'the content'} {w}×{h}, too small for "
+                                 f"layer {params.used_layers[-1]}: its shorter side must be at least {need} pixels")
+    return levels
 
 
 def _blend_weights(params: StyleParams, n_styles: int) -> list[float]:

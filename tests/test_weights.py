@@ -283,14 +283,27 @@ def relu_and_conv_means(net, images, upto="relu5_4"):
 
 
 def assert_normalised(net, upto="relu5_4"):
-    alive = total = 0
+    """Every live filter has mean activation 1, except the rare ones whose scale was capped (mean < 1)."""
+    exact = total = 0
     for relu, mean, magnitude in relu_and_conv_means(net, W.calibration_images(), upto):
         dead = mean <= W.DEAD_RATIO * magnitude
-        assert torch.allclose(mean[~dead], torch.ones(()), atol=1e-3), relu
         assert (mean[dead] <= 1e-4 * magnitude[dead]).all()
-        alive += int((~dead).sum())
+        live = mean[~dead]
+        capped = live < 1 - 1e-3
+        assert torch.allclose(live[~capped], torch.ones(()), atol=1e-3), relu
+        exact += int((~capped).sum())
         total += mean.numel()
-    assert alive > 0.95 * total
+    assert exact > 0.7 * total  # measured: 78% of the random network's filters exactly 1, the rest capped or dead
+
+
+def test_scales_are_capped_at_ten_times_the_layer_median():
+    scales = W.compute_scales(W.random_state_dict(0), "avg", W.calibration_images())
+    capped_layers = 0
+    for name, s in scales.items():
+        cap = W.MAX_SCALE_OVER_MEDIAN * s[s != 1].median()
+        assert float(s.max()) <= float(cap) * (1 + 1e-6), name
+        capped_layers += int(bool((s >= cap * (1 - 1e-6)).any()))
+    assert capped_layers > 0  # the random network has rarely firing filters: the cap is exercised
 
 
 def test_random_is_deterministic_and_seeded(random_cache, monkeypatch, tmp_path):
