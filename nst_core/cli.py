@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     demo.add_argument("-o", "--output", default="out/demo.png", help="output file")
     demo.add_argument("--size", type=int, default=256, help="longest side of the output")
-    demo.add_argument("--iterations", type=int, default=200, help="optimiser steps")
+    demo.add_argument("--iterations", type=int, default=150, help="optimiser steps")
     demo.add_argument("--device", default=StyleParams.default("device"), help=StyleParams.help("device"))
     demo.set_defaults(func=cmd_demo)
 
@@ -169,8 +169,6 @@ def _check_output(out: Path, inputs: list[Path]) -> None:
     for path in inputs:
         if out.exists() and path.exists() and os.path.samefile(out, path):
             raise ImageError(out, "is one of the input images; refusing to overwrite an input")
-    if not out.parent.exists() and str(out.parent) not in ("", "."):
-        out.parent.mkdir(parents=True, exist_ok=True)
 
 
 def _metadata(result) -> dict:
@@ -243,8 +241,10 @@ def cmd_demo(args) -> int:
     from .samples import sample_path
 
     content, style = sample_path("content"), sample_path("style")
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     base = ["stylize", str(content), str(style), "-o", args.output, "--size", str(args.size),
-            "--iterations", str(args.iterations), "--device", args.device]
+            "--iterations", str(args.iterations), "--device", args.device,
+            "--init", "content"]  # a recognisable result in few steps; `nst stylize` starts from noise
     parser = build_parser()
     try:
         return _run(parser.parse_args(base + ["--weights", "imagenet"]))

@@ -12,7 +12,8 @@ fi
 stamp="$venv/.nst-installed"
 want=$(sha256sum "$root/pyproject.toml" | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  "$venv/bin/python" -m pip install -q --upgrade pip >&2
-  "$venv/bin/python" -m pip install -q -e "$root[test]" >&2
+  log="$venv/nst-install.log"
+  { "$venv/bin/python" -m pip install --upgrade pip && "$venv/bin/python" -m pip install -e "$root[test]"; } >"$log" 2>&1 \
+    || { tail -n 30 "$log" >&2; echo "installing the project into $venv failed; the whole log is $log" >&2; exit 1; }
   echo "$want" > "$stamp"
 fi
