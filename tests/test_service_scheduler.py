@@ -165,7 +165,8 @@ def test_stop_lets_the_running_job_finish_for_its_client(tmp_path):
     serving = threading.Thread(target=server.serve_forever)
     serving.start()
     events, outcome = [], {}
-    params = {"weights": "random", "size": 32, "iterations": 4, "style_weight": 0}
+    # Long enough that the first job is still running when the stop request comes.
+    params = {"weights": "random", "size": 32, "iterations": 100, "style_weight": 0}
 
     def run(name, priority):
         try:
@@ -185,6 +186,6 @@ def test_stop_lets_the_running_job_finish_for_its_client(tmp_path):
     second.join(60)
     serving.join(60)
     assert isinstance(outcome["running"], nc.RawImage) and outcome["running"].width == 32
-    assert events[-1]["step"] == 4
+    assert events[-1]["step"] == 100
     assert isinstance(outcome["queued"], nc.ServiceUnavailable) and "did not run" in outcome["queued"].message
     assert not os.path.exists(path)
