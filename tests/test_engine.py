@@ -434,3 +434,23 @@ def test_session_caches_style_targets(content, style, style2):
     stylize(content, [style2], fast(iterations=1), session=session)
     assert session.stats()["style_target_misses"] == 2
     assert session.stats()["style_target_hits"] == 1
+
+
+def test_an_image_too_small_for_the_network_is_a_param_error_naming_the_size(style):
+    tiny = Picture(torch.rand(3, 16, 24), source="tiny.png")
+    with pytest.raises(ParamError, match=r"size: 16 makes tiny.png 16×11.*relu5_1.*at least 16"):
+        stylize(tiny, [style], StyleParams(size=16, iterations=1, weights="random"))
+    # Shallower layers need less: the same image works when the last layer is relu2_2.
+    result = stylize(tiny, [style], StyleParams(size=24, iterations=1, weights="random",
+                                                content_layers="relu2_2", style_layers="relu1_1,relu2_1"))
+    assert (result.picture.height, result.picture.width) == (16, 24)
+
+
+def test_coarse_levels_too_small_for_the_network_fold_into_the_next(style):
+    from nst_core.engine import _feasible_levels
+
+    params = StyleParams(size=512, iterations=100, levels=3, weights="random")
+    wide = Picture(torch.rand(3, 40, 640))  # at 128 px wide it is 8 px high: too small for relu5_1
+    levels = _feasible_levels(params, wide)
+    assert [side for side, _ in levels] == [256, 512]
+    assert sum(n for _, n in levels) == 100
