@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from . import color, devices, losses
 from .errors import Cancelled, ImageError, OutOfMemory, ParamError
-from .images import Picture, load_image
+from .images import Picture, load_image, resize_picture
 from .params import INITS, StyleParams
 from .vgg import VGGFeatures
 
@@ -332,12 +332,10 @@ class _Run:
         x = x.clamp(0, 1).cpu()
         alpha = self.content.alpha
         if alpha is not None and tuple(alpha.shape) != (h, w):
-            alpha = resize_alpha(alpha, h, w, 65535 if self.content.bit_depth == 16 else 255)
+            alpha = resize_alpha(alpha, h, w, self.content.max_value)
         pic = Picture(x, alpha, self.content.bit_depth, self.content.source)
         if max_side is not None and max(h, w) > max_side:
-            ph, pw = fit(h, w, max_side)
-            a = None if alpha is None else resize_alpha(alpha, ph, pw, 65535 if pic.bit_depth == 16 else 255)
-            pic = Picture(resize(x, ph, pw).clamp(0, 1), a, pic.bit_depth, pic.source)
+            pic = resize_picture(pic, max_side)
         return pic
 
 
