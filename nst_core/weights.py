@@ -56,6 +56,8 @@ DOWNLOAD_TIMEOUT = 30.0  # seconds without data before a download counts as fail
 RANDOM_INIT = "kaiming-normal-v1"  # part of the scales cache key for random weights
 DEAD_RATIO = 1e-4  # see compute_scales
 MAX_SCALE_OVER_MEDIAN = 10.0  # see compute_scales
+# How scales are computed; part of their cache key, so a change of method never reads old scales.
+SCALES_METHOD = f"v2-dead{DEAD_RATIO:g}-cap{MAX_SCALE_OVER_MEDIAN:g}"
 
 _HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.[^-]*$")
 _ALL_CONVS = conv_names("relu5_4")
@@ -419,7 +421,7 @@ def normalization_scales(state: Mapping[str, torch.Tensor], pooling: str, key: s
     """Per-filter scale (1 / mean ReLU activation) for all 16 convolutions, cached under `key`."""
     images = calibration_images()
     calib = hashlib.sha256(images.numpy().tobytes()).hexdigest()[:16]
-    path = cache_dir() / "scales" / f"{key[:40]}-{pooling}-{calib}.pt"
+    path = cache_dir() / "scales" / f"{key[:40]}-{pooling}-{calib}-{SCALES_METHOD}.pt"
     cached = _read_scales(path)
     if cached is not None:
         return cached

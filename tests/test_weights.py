@@ -367,3 +367,15 @@ def test_normalised_file_keeps_features_up_to_channel_scale_and_caches_scales(vg
     torch.save({"scales": {k: v * 2 for k, v in scales.items()}}, files[0])
     doubled = W.load_network(str(vgg_file), normalize=True, last="relu1_1")
     assert torch.allclose(doubled.state_dict()["features.0.weight"], net.state_dict()["features.0.weight"] * 2)
+
+
+def test_scales_cached_by_another_method_are_not_reused(monkeypatch, tmp_path):
+    """Scales written before a change of calibration method must not be read back after it."""
+    monkeypatch.setenv("NST_CACHE_DIR", str(tmp_path))
+    W.load_network("random")
+    (first,) = (tmp_path / "scales").iterdir()
+    assert W.SCALES_METHOD in first.name
+    monkeypatch.setattr(W, "SCALES_METHOD", "v-test")
+    W.load_network("random")
+    names = sorted(p.name for p in (tmp_path / "scales").iterdir())
+    assert len(names) == 2 and any("v-test" in n for n in names)
