@@ -56,8 +56,9 @@ DOWNLOAD_TIMEOUT = 30.0  # seconds without data before a download counts as fail
 RANDOM_INIT = "kaiming-normal-v1"  # part of the scales cache key for random weights
 DEAD_RATIO = 1e-4  # see compute_scales
 MAX_SCALE_OVER_MEDIAN = 10.0  # see compute_scales
-# How scales are computed; part of their cache key, so a change of method never reads old scales.
-SCALES_METHOD = f"v2-dead{DEAD_RATIO:g}-cap{MAX_SCALE_OVER_MEDIAN:g}"
+# How scales are computed, in their cache key, so that a change of method never reads old scales
+# (bump the version when compute_scales changes).
+SCALES_METHOD = "m" + hashlib.sha256(f"v2 {DEAD_RATIO!r} {MAX_SCALE_OVER_MEDIAN!r}".encode()).hexdigest()[:8]
 
 _HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.[^-]*$")
 _ALL_CONVS = conv_names("relu5_4")

@@ -341,7 +341,8 @@ def test_calibration_depends_on_pooling(random_cache, monkeypatch):
     mx = net.state_dict()
     assert torch.equal(avg["features.0.weight"], mx["features.0.weight"])  # before any pooling
     assert not torch.allclose(avg["features.5.weight"], mx["features.5.weight"])
-    assert {p.name.rsplit("-", 2)[1] for p in (random_cache / "scales").glob("random-0-*")} == {"avg", "max"}
+    # names: <key>-<pooling>-<calibration>-<method>.pt
+    assert {p.name.rsplit("-", 3)[1] for p in (random_cache / "scales").glob("random-0-*")} == {"avg", "max"}
 
 
 def test_normalised_file_keeps_features_up_to_channel_scale_and_caches_scales(vgg_file):
