@@ -1,0 +1,711 @@
+#!/usr/bin/env python3
+"""Benchmark of the stylisation engine (nst_core.stylize): speed, memory, overhead, coarse-to-fine.
+
+What it measures, per device (cpu; cuda when present) and per output size:
+
+1. The real loop: ``nst_core.stylize`` with the paper's layers (relu4_2; relu1_1 … relu5_1),
+   L-BFGS, single scale (levels=1), the chosen weights (default ``random``), tubingen.jpg styled
+   with starry_night.jpg from ../shared/images. Seconds per iteration are the median of the
+   steady-state steps, timed between progress callbacks (set-up and the first --warmup steps left
+   out; the benchmark's own work inside the callback is not counted).
+2. A bare VGG-19 forward+backward at the same input shape on the same network object (up to
+   relu5_1, gradient w.r.t. the input, loss = plain sum of the used layers' outputs). It runs
+   inside the progress callback, one per loop step, so loop and bare steps alternate and share
+   whatever load the machine is under; the overhead ratio is the median of the per-step ratios.
+   Beside it: the loss terms alone (Gram matrices + content + style losses, forward+backward, on
+   feature maps of the same shapes) and the L-BFGS bookkeeping (torch.optim.LBFGS, history 100,
+   with a trivial closure on a vector of the image's size), at the history length the loop had
+   and at full history, since a 500-iteration run spends most of its steps with a full history.
+3. On CUDA: 512×512 for 500 L-BFGS iterations (total time), and the peak memory of 2048×2048
+   with a full L-BFGS history (does it fit in 24 GB?).
+4. Coarse-to-fine against single scale: time (and work) until the loss at the final size first
+   drops below the losses that the single-scale run reaches after 1/4, 1/2, 3/4 and all of its
+   iterations.
+
+Memory: on CUDA ``torch.cuda.max_memory_allocated`` (tensors) and ``max_memory_reserved`` (the
+caching allocator's footprint; the CUDA context, a few hundred MB, is in neither). On CPU the
+peak resident set size of the whole process (``VmHWM`` in /proc/self/status, reset through
+/proc/self/clear_refs before each measured phase) minus the resident size before it: this
+counts tensors, autograd buffers, the L-BFGS history and memory the allocator keeps, but not
+memory that was allocated and never touched; other threads of the process would count too.
+
+    .venv/bin/python benchmarks/bench_engine.py                # cpu: 256,512 (+ cuda if present)
+    .venv/bin/python benchmarks/bench_engine.py --quick        # a smaller run (a few minutes on 2 cores)
+    .venv/bin/python benchmarks/bench_engine.py --device cuda  # cuda: 512,1024,2048 + targets
+    .venv/bin/python benchmarks/bench_engine.py --json         # one JSON object on stdout
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import nst_core  # noqa: E402,F401  (first: it sets OMP_WAIT_POLICY before torch loads, as in the product)
+import torch  # noqa: E402
+
+from nst_core import params as params_module  # noqa: E402
+from nst_core import Session, StyleParams, devices, losses, stylize  # noqa: E402
+from nst_core.engine import fit  # noqa: E402
+
+try:
+    from nst_core.engine import _feasible_levels  # the levels the engine really runs
+except ImportError:  # older engines: the plan as params computes it
+    def _feasible_levels(params, content):
+        return params.level_sizes()
+from nst_core.images import Picture, load_image  # noqa: E402
+
+IMAGES = REPO.parent / "shared" / "images"
+CPU_RATIO_TARGET = 1.10
+CUDA_512_TARGET_S = 3.0
+CUDA_MEMORY_BUDGET = 24 * 2**30
+TARGET_SIZE, TARGET_ITERATIONS = 512, 500  # the CUDA speed target: 512x512, 500 L-BFGS iterations
+BIG_SIZE = 2048  # the CUDA memory target: 2048x2048 within 24 GB
+LBFGS_HISTORY = 100  # the engine's torch.optim.LBFGS(history_size=100)
+
+
+# ---- machine and memory ---------------------------------------------------------------------------
+
+def _proc_status_kib(field: str) -> int | None:
+    try:
+        m = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    except OSError:
+        return None
+    return int(m.group(1)) if m else None
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+class PeakMemory:
+    """Peak memory of a phase: CUDA allocator peaks, or the process's peak RSS on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cpu_resettable = False
+        if device.type == "cpu":
+            try:
+                Path("/proc/self/clear_refs").write_text("5")  # 5: reset VmHWM to the current RSS
+                self.cpu_resettable = _proc_status_kib("VmHWM") is not None
+            except OSError:
+                pass
+
+    @property
+    def kind(self) -> str:
+        if self.device.type == "cuda":
+            return "cuda max_memory_allocated (reserved)"
+        if self.cpu_resettable:
+            return "peak RSS delta (VmHWM after clear_refs)"
+        return "peak RSS since process start minus RSS before (VmHWM not resettable here)"
+
+    def current(self) -> int:
+        """Bytes in use now (CUDA: allocated tensors; CPU: resident set size)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.memory_allocated(self.device)
+        return (_proc_status_kib("VmRSS") or 0) * 1024
+
+    def reset(self) -> int:
+        """Start a phase: forget earlier peaks; returns the bytes in use now."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.cpu_resettable:
+            Path("/proc/self/clear_refs").write_text("5")
+        return self.current()
+
+    def peak(self) -> tuple[int, int | None]:
+        """(peak bytes in use since the last reset, CUDA's peak reserved bytes or None)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device), torch.cuda.max_memory_reserved(self.device)
+        return (_proc_status_kib("VmHWM") or 0) * 1024, None
+
+
+def machine_info(device: torch.device) -> dict:
+    info = {
+        "cpu": _cpu_model(),
+        "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "loadavg_start": _loadavg(),
+        "device": devices.describe(device),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["gpu"] = props.name
+        info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+        info["cuda"] = torch.version.cuda
+        info["cudnn"] = torch.backends.cudnn.version()
+    return info
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _now(device: torch.device) -> float:
+    _sync(device)
+    return time.perf_counter()
+
+
+def _median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def _square(pic: Picture) -> Picture:
+    """The centre square of a picture (for the N×N rows of the targets)."""
+    h, w = pic.height, pic.width
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    return Picture(pic.rgb[:, top:top + s, left:left + s].contiguous(), None, pic.bit_depth,
+                   f"{pic.source} (centre square)")
+
+
+def _params(size: int, iterations: int, args, levels: int = 1) -> StyleParams:
+    return StyleParams(size=size, iterations=iterations, levels=levels, weights=args.weights,
+                       device=args.device_name, seed=0)
+
+
+def _warm_session(params: StyleParams, device: torch.device) -> Session:
+    """A Session whose network is already loaded (set-up is not what these figures are about)."""
+    session = Session()
+    session.network(params, device)
+    return session
+
+
+def _loss_head(feats: dict, params: StyleParams, targets: dict) -> torch.Tensor:
+    """The loop's loss terms on given feature maps (as in engine._Run._level's closure)."""
+    zero = next(iter(feats.values())).new_zeros(())
+    c = sum((w * losses.content_loss(feats[n], targets[n]) for n, w in params.content_layers.items() if w > 0),
+            zero)
+    s = sum((w * losses.style_layer_loss(feats[n], targets["gram:" + n])
+             for n, w in params.style_layers.items() if w > 0), zero)
+    return params.content_weight * c + params.style_weight * s
+
+
+# ---- 1 + 2: the loop beside a bare forward+backward ----------------------------------------------
+
+def measure_size(content: Picture, style: Picture, size: int, args, device: torch.device) -> dict:
+    warmup, steps = args.warmup, args.steps
+    params = _params(size, warmup + steps, args)
+    session = _warm_session(params, device)
+    net = session.network(params, device)
+    layers = params.used_layers
+    h, w = fit(content.height, content.width, size)
+    fmt = devices.memory_format(device)
+    mem = PeakMemory(device)
+
+    # Inputs of the side measurements: a noise image like the loop's start, and targets of the
+    # loss terms with the right shapes (their values do not matter for timing).
+    gen = torch.Generator().manual_seed(1)
+    xb = torch.rand(1, 3, h, w, generator=gen).to(device).contiguous(memory_format=fmt).requires_grad_(True)
+    with torch.no_grad():
+        f0 = net(xb, layers)
+    targets = {n: f0[n].detach().clone() for n, wt in params.content_layers.items() if wt > 0}
+    targets.update({"gram:" + n: losses.gram(f) / (f.shape[-1] * f.shape[-2]) for n, f in f0.items()})
+    del f0
+    style_names = [n for n, wt in params.style_layers.items() if wt > 0]
+
+    def bare() -> float:
+        xb.grad = None
+        t0 = _now(device)
+        feats = net(xb, layers)
+        sum(f.sum() for f in feats.values()).backward()
+        return _now(device) - t0
+
+    def heads(per_layer: bool) -> tuple[float, dict]:
+        """Seconds of the loss terms' forward+backward (all, and by style layer) on leaf feature maps."""
+        with torch.no_grad():
+            src = net(xb, layers)
+        timed = {}
+        for only in [None] + (style_names if per_layer else []):
+            feats = {n: f.detach().requires_grad_(True) for n, f in src.items()}
+            t0 = _now(device)
+            if only is None:
+                loss = _loss_head(feats, params, targets)
+            else:
+                wt = params.style_weight * params.style_layers[only]
+                loss = wt * losses.style_layer_loss(feats[only], targets["gram:" + only])
+            loss.backward()
+            timed[only] = _now(device) - t0
+        return timed.pop(None), timed
+
+    rec = {"loop": [], "bare": [], "ratio": [], "head": [], "loop_peak": [], "bare_delta": [],
+           "layer": {n: [] for n in style_names}}
+    state = {"prev_exit": None}
+
+    def on_progress(p):
+        t_enter = _now(device)
+        peak = mem.peak()
+        if state["prev_exit"] is not None and p.step > warmup:
+            rec["loop"].append(t_enter - state["prev_exit"])
+            rec["loop_peak"].append(peak)
+            before = mem.reset()
+            tb = bare()
+            rec["bare_delta"].append(mem.peak()[0] - before)
+            rec["bare"].append(tb)
+            rec["ratio"].append(rec["loop"][-1] / tb)
+            th, by_layer = heads(p.step - warmup <= args.layer_split_steps)
+            rec["head"].append(th)
+            for n, t in by_layer.items():
+                rec["layer"][n].append(t)
+            xb.grad = None
+        mem.reset()
+        state["prev_exit"] = _now(device)
+
+    base = mem.reset()
+    t0 = time.perf_counter()
+    stylize(content, [style], params, progress=on_progress, session=session)
+    wall = time.perf_counter() - t0
+
+    lbfgs = lbfgs_bookkeeping(3 * h * w, device, window=(warmup + 1, warmup + steps))
+    loop_s, bare_s, head_s = _median(rec["loop"]), _median(rec["bare"]), _median(rec["head"])
+    rest = loop_s - bare_s - head_s - lbfgs["at_window"]
+    ratio = _median(rec["ratio"])
+    projected = ratio + (lbfgs["full"] - lbfgs["at_window"]) / bare_s
+    peak, reserved = max(rec["loop_peak"], key=lambda m: m[0])
+    return {
+        "device": device.type, "size": size, "height": h, "width": w, "steps_timed": len(rec["loop"]),
+        "warmup_steps": warmup, "loop_s_per_it": loop_s, "bare_s_per_it": bare_s,
+        "overhead_ratio": ratio, "ratio_of_medians": loop_s / bare_s,
+        "loop_s_min": min(rec["loop"]), "bare_s_min": min(rec["bare"]),
+        "ratio_of_minima": min(rec["loop"]) / min(rec["bare"]), "loss_terms_s_min": min(rec["head"]),
+        "loop_s_all": rec["loop"], "bare_s_all": rec["bare"],
+        "loss_terms_s_per_it": head_s,
+        "loss_terms_by_style_layer_s": {n: _median(v) for n, v in rec["layer"].items()},
+        "lbfgs_s_at_measured_history": lbfgs["at_window"], "lbfgs_s_at_full_history": lbfgs["full"],
+        "lbfgs_history_len_measured": lbfgs["history_at_window"],
+        "rest_s_per_it": rest, "projected_ratio_full_history": projected,
+        "memory_before_bytes": base, "loop_peak_bytes": peak, "loop_peak_delta_bytes": peak - base,
+        "loop_peak_reserved_bytes": reserved, "bare_peak_delta_bytes": max(rec["bare_delta"]),
+        "memory_measure": mem.kind, "wall_s": wall, "loadavg_end": _loadavg(),
+    }
+
+
+def lbfgs_bookkeeping(numel: int, device: torch.device, window: tuple[int, int],
+                      full_steps: int = 12) -> dict:
+    """Seconds per torch.optim.LBFGS step (max_iter=1, history 100, as the engine) minus its closure.
+
+    The closure is the gradient of a badly conditioned quadratic, so the curvature condition holds
+    and the history fills up; the median is taken over the steps of `window` (the loop's measured
+    steps) and over `full_steps` steps once the history is full.
+    """
+    gen = torch.Generator().manual_seed(2)
+    d = (10 ** (-4 * torch.rand(numel, generator=gen))).to(device)
+    x = torch.rand(numel, generator=gen).to(device).requires_grad_(True)
+    opt = torch.optim.LBFGS([x], lr=0.05, max_iter=1, history_size=LBFGS_HISTORY)
+    inside = [0.0]
+
+    def closure():
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            x.grad = d * x
+            loss = 0.5 * (d * x * x).sum()
+        _sync(device)
+        inside[0] = time.perf_counter() - t0
+        return loss
+
+    times, hist = [], []
+    for _ in range(LBFGS_HISTORY + 1 + full_steps):
+        t0 = _now(device)
+        opt.step(closure)
+        times.append(_now(device) - t0 - inside[0])
+        hist.append(len(opt.state[x].get("old_dirs", [])))
+    lo, hi = window
+    return {"at_window": _median(times[lo - 1:hi]), "history_at_window": hist[hi - 1],
+            "full": _median(times[LBFGS_HISTORY + 1:]), "history_full": hist[-1]}
+
+
+# ---- 3: the CUDA targets ----------------------------------------------------------------------
+
+def cuda_targets(content: Picture, style: Picture, args, device: torch.device) -> dict:
+    sq = _square(content)
+    out = {}
+    # 512×512, 500 iterations, warm network: the whole stylize() call, and the loop alone.
+    p = _params(TARGET_SIZE, TARGET_ITERATIONS, args)
+    session = _warm_session(p, device)
+    stylize(sq, [style], _params(TARGET_SIZE, 5, args), session=session)  # cuDNN autotuning at this shape
+    session = _warm_session(p, device)  # style targets not cached: computed inside the timed call
+    first = {}
+
+    def on_progress(pr):
+        if pr.step == 1:
+            first["t"] = time.perf_counter()
+
+    _sync(device)
+    t0 = time.perf_counter()
+    res = stylize(sq, [style], p, progress=on_progress, session=session)
+    t1 = _now(device)
+    out["512x500"] = {"shape": f"{res.picture.height}x{res.picture.width}", "iterations": TARGET_ITERATIONS,
+                      "total_s": t1 - t0, "after_first_step_s": t1 - first["t"],
+                      "target_s": CUDA_512_TARGET_S, "meets_target": (t1 - t0) <= CUDA_512_TARGET_S}
+    # 2048×2048 with a full L-BFGS history: peak memory.
+    n = args.big_iterations
+    p = _params(BIG_SIZE, n, args)
+    session = _warm_session(p, device)
+    mem = PeakMemory(device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    mem.reset()
+    t0 = time.perf_counter()
+    try:
+        res = stylize(sq, [style], p, session=session)
+        peak, reserved = mem.peak()
+        out["2048_memory"] = {
+            "shape": f"{res.picture.height}x{res.picture.width}", "iterations": n,
+            "lbfgs_history_full": n > LBFGS_HISTORY, "peak_allocated_bytes": peak,
+            "peak_reserved_bytes": reserved, "budget_bytes": CUDA_MEMORY_BUDGET,
+            "fits_24gb": (peak if reserved is None else reserved) <= CUDA_MEMORY_BUDGET, "wall_s": time.perf_counter() - t0,
+        }
+    except Exception as e:  # OutOfMemory on a small card is a result, not a crash
+        out["2048_memory"] = {"error": f"{type(e).__name__}: {e}"}
+    return out
+
+
+# ---- 4: coarse-to-fine against single scale ------------------------------------------------------
+
+class _Turnstile:
+    """Lets several threads take turns, one loop step at a time, so that they share the machine's load."""
+
+    def __init__(self, names):
+        self.cv = threading.Condition()
+        self.order = list(names)
+        self.turn = self.order[0]
+        self.done = set()
+
+    def wait(self, name):
+        with self.cv:
+            self.cv.wait_for(lambda: self.turn == name)
+
+    def pass_on(self, name, finished=False):
+        with self.cv:
+            if finished:
+                self.done.add(name)
+            left = [n for n in self.order if n not in self.done]
+            if left:
+                i = self.order.index(name)
+                self.turn = next(n for n in self.order[i + 1:] + self.order[:i + 1] if n in left)
+            self.cv.notify_all()
+
+
+def time_to_loss(content: Picture, style: Picture, args, device: torch.device) -> dict:
+    """Single scale and coarse-to-fine runs, interleaved step by step (each in its own thread, one
+    running at a time), so that a change in the machine's load hits all of them alike. A run's time
+    is its own: set-up and steps, without the time it waited for its turn."""
+    size, n = args.c2f_size, args.c2f_iterations
+    levels = args.c2f_levels or len(StyleParams(size=size).level_sizes())
+    if levels < 2:
+        levels = 2  # the automatic choice is single scale below 512 px: force two levels
+    variants = [("single", 1, None), ("coarse-to-fine", levels, None)]
+    variants += [(f"coarse-to-fine share {s:g}", levels, s) for s in args.c2f_shares]
+    default_share = params_module.FINEST_LEVEL_SHARE
+    gate = _Turnstile([v[0] for v in variants])
+    runs, errors = {}, {}
+
+    def run(label, levels, share):
+        gate.wait(label)
+        try:
+            # The share is read when the run starts (the levels are planned then), while no other
+            # run is going: an experiment only, put back below.
+            params_module.FINEST_LEVEL_SHARE = default_share if share is None else share
+            p = _params(size, n, args, levels=levels)
+            plan = _feasible_levels(p, content)
+            session = _warm_session(p, device)  # network warm; style targets are computed in the run
+            curve = []
+            clock = {"start": time.perf_counter(), "waited": 0.0}
+
+            def on_progress(pr):
+                t = time.perf_counter()
+                curve.append({"step": pr.step, "level": pr.level, "elapsed": t - clock["start"] - clock["waited"],
+                              "loss": pr.losses["total"], "final_level": pr.level == len(plan)})
+                gate.pass_on(label)
+                gate.wait(label)
+                clock["waited"] += time.perf_counter() - t
+
+            res = stylize(content, [style], p, progress=on_progress, session=session)
+            own = time.perf_counter() - clock["start"] - clock["waited"]
+            runs[label] = {"levels": plan, "curve": curve, "total_s": own, "final_loss": res.losses["total"],
+                           "pixels": res.picture.height * res.picture.width}
+        except Exception as e:  # reported, and the other runs go on
+            errors[label] = f"{type(e).__name__}: {e}"
+        finally:
+            gate.pass_on(label, finished=True)
+
+    threads = [threading.Thread(target=run, args=v, name=v[0]) for v in variants]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        params_module.FINEST_LEVEL_SHARE = default_share
+    if errors:
+        raise RuntimeError(f"time-to-loss runs failed: {errors}")
+    runs = {v[0]: runs[v[0]] for v in variants}
+
+    for label, r in runs.items():
+        # Work in final-size iterations: each step weighted by its pixel count over the final one's.
+        sides = [side for side, k in r["levels"] for _ in range(k)]
+        acc = 0.0
+        for c in r["curve"]:
+            hh, ww = fit(content.height, content.width, sides[c["step"] - 1])
+            acc += hh * ww / r["pixels"]
+            c["work"] = acc
+        first_final = next(c for c in r["curve"] if c["final_level"])
+        r["final_level_first_loss"] = first_final["loss"]
+        r["final_level_start_s"] = first_final["elapsed"]
+
+    single = runs["single"]["curve"]
+    marks = sorted({max(1, round(n * f)) for f in (0.25, 0.5, 0.75, 1.0)})
+    rows = []
+    for k in marks:
+        thr = single[k - 1]["loss"]
+        row = {"single_iterations": k, "threshold": thr}
+        for label, run in runs.items():
+            hit = next((c for c in run["curve"] if c["final_level"] and c["loss"] <= thr), None)
+            row[label] = None if hit is None else {"elapsed": hit["elapsed"], "step": hit["step"],
+                                                  "work": hit["work"]}
+        rows.append(row)
+    return {"size": size, "iterations": n, "runs": {k: {kk: vv for kk, vv in v.items() if kk != "curve"}
+                                                   for k, v in runs.items()},
+            "curves": {k: v["curve"] for k, v in runs.items()}, "thresholds": rows}
+
+
+# ---- output -----------------------------------------------------------------------------------
+
+def _mib(b) -> str:
+    return "-" if b is None else f"{b / 2**20:,.0f} MiB"
+
+
+def _ms(s) -> str:
+    return "-" if s is None else f"{s * 1e3:,.1f}"
+
+
+def _projected(r: dict) -> float:
+    """The loop ratio with a full L-BFGS history: ratio + (L-BFGS@100 - L-BFGS@k) / bare."""
+    return r["overhead_ratio"] + (r["lbfgs_s_at_full_history"] - r["lbfgs_s_at_measured_history"]) / r["bare_s_per_it"]
+
+
+def print_report(report: dict) -> None:
+    m = report["machine"]
+    print("Neural Style engine benchmark")
+    print(f"  CPU     {m['cpu']} ({m['cpu_cores_usable']} usable cores), torch threads {m['torch_threads']}")
+    print(f"  torch   {m['torch']} (Python {m['python']}, {m['platform']})")
+    for dev in report["devices"]:
+        print(f"  device  {dev['machine']['device']}" + (f", {dev['machine']['gpu_memory_gib']} GiB, CUDA "
+                                                         f"{dev['machine']['cuda']}" if "gpu" in dev["machine"] else ""))
+    print(f"  weights {report['weights']}; content {report['content']}; style {report['style']}")
+    print(f"  load average at start {m['loadavg_start']}, at end {report['loadavg_end']} "
+          f"(a shared machine makes timings noisy: figures are medians over steps)")
+    for dev in report["devices"]:
+        rows = dev["sizes"]
+        if rows:
+            print()
+            print(f"[{dev['machine']['device']}] seconds per iteration, steady state "
+                  f"(median of {rows[0]['steps_timed']} steps after {rows[0]['warmup_steps']} warm-up steps; "
+                  f"loop and bare steps interleaved)")
+            head = (f"{'size':>5} {'HxW':>10} {'loop ms/it':>11} {'bare ms/it':>11} {'ratio':>6} "
+                    f"{'loss terms':>10} {'L-BFGS@k':>9} {'rest':>7} {'L-BFGS@100':>10} {'ratio@100':>9} "
+                    f"{'loop peak mem':>14} {'bare peak mem':>14}")
+            print(head)
+            print("-" * len(head))
+            for r in rows:
+                print(f"{r['size']:>5} {r['height']:>4}x{r['width']:<5} {_ms(r['loop_s_per_it']):>11} "
+                      f"{_ms(r['bare_s_per_it']):>11} {r['overhead_ratio']:>5.3f}x {_ms(r['loss_terms_s_per_it']):>10} "
+                      f"{_ms(r['lbfgs_s_at_measured_history']):>9} {_ms(r['rest_s_per_it']):>7} "
+                      f"{_ms(r['lbfgs_s_at_full_history']):>10} {_projected(r):>8.3f}x "
+                      f"{_mib(r['loop_peak_delta_bytes']):>14} {_mib(r['bare_peak_delta_bytes']):>14}")
+            print("  ratio: median over steps of loop/bare; ratio of the medians / of the fastest steps (the least "
+                  "disturbed by other processes): "
+                  + ", ".join(f"{r['size']}: {r['ratio_of_medians']:.3f} / {r['ratio_of_minima']:.3f} "
+                              f"({_ms(r['loop_s_min'])} / {_ms(r['bare_s_min'])} ms)" for r in rows))
+            print("  loss terms: Gram matrices + content and style losses, forward+backward, on feature maps "
+                  "of this size; by style layer (ms): "
+                  + "; ".join(f"{r['size']}: " + " ".join(f"{n.replace('relu', '')}={_ms(v)}"
+                                                          for n, v in r["loss_terms_by_style_layer_s"].items())
+                              for r in rows))
+            print(f"  L-BFGS@k: torch LBFGS bookkeeping at the loop's history length k="
+                  f"{rows[0]['lbfgs_history_len_measured']}; L-BFGS@100 with a full history (a 500-step run's "
+                  f"usual state); ratio@100 = ratio + (L-BFGS@100 - L-BFGS@k) / bare")
+            print("  rest = loop - bare - loss terms - L-BFGS@k: the engine's own per-step cost plus noise")
+            print(f"  memory: {rows[0]['memory_measure']}")
+            for r in rows:
+                if dev["machine"]["device"].startswith("cpu") and r["size"] == 256:
+                    ok = r["overhead_ratio"] <= CPU_RATIO_TARGET
+                    print(f"  target: CPU 256 px loop <= {CPU_RATIO_TARGET:.2f}x bare: measured "
+                          f"{r['overhead_ratio']:.3f}x ({'met' if ok else 'NOT met'}); with a full L-BFGS history "
+                          f"{_projected(r):.3f}x ({'met' if _projected(r) <= CPU_RATIO_TARGET else 'NOT met'})")
+        t = dev.get("cuda_targets")
+        if t:
+            a = t["512x500"]
+            print(f"  target: {TARGET_SIZE}x{TARGET_SIZE} ({a['shape']}), {a['iterations']} L-BFGS iterations: {a['total_s']:.2f} s in all "
+                  f"({a['after_first_step_s']:.2f} s after the first step); target <= {a['target_s']:.0f} s: "
+                  f"{'met' if a['meets_target'] else 'NOT met'}")
+            b = t["2048_memory"]
+            if "error" in b:
+                print(f"  target: {BIG_SIZE}x{BIG_SIZE} in 24 GB: failed: {b['error']}")
+            else:
+                print(f"  target: {BIG_SIZE}x{BIG_SIZE} ({b['shape']}), {b['iterations']} iterations (L-BFGS history "
+                      f"{'full' if b['lbfgs_history_full'] else 'NOT full'}): peak allocated "
+                      f"{b['peak_allocated_bytes'] / 2**30:.2f} GiB, reserved "
+                      f"{'-' if b['peak_reserved_bytes'] is None else format(b['peak_reserved_bytes'] / 2**30, '.2f')} "
+                      f"GiB; fits in 24 GB: {'yes' if b['fits_24gb'] else 'NO'} (by reserved memory; the CUDA "
+                      f"context, a few hundred MB, not counted)")
+        c = dev.get("time_to_loss")
+        if c:
+            print()
+            print(f"[{dev['machine']['device']}] coarse-to-fine vs single scale at {c['size']} px, "
+                  f"{c['iterations']} iterations each (same seed; runs interleaved step by step, each timed on its "
+                  f"own): time until the loss at the final size first drops below the single-scale run's loss "
+                  f"after k iterations")
+            for label, run in c["runs"].items():
+                plan = ", ".join(f"{s} px x {k}" for s, k in run["levels"])
+                print(f"  {label:<26} levels: {plan}; {run['total_s']:.1f} s in all; loss at the final size: "
+                      f"{run['final_level_first_loss']:.4g} at its first step there "
+                      f"({run['final_level_start_s']:.1f} s), {run['final_loss']:.4g} at the end")
+            labels = list(c["runs"])
+            head = f"{'k':>4} {'threshold':>11} " + " ".join(f"{lab[:26]:>26}" for lab in labels)
+            print(head)
+            print("-" * len(head))
+            for row in c["thresholds"]:
+                cells = []
+                for lab in labels:
+                    h = row[lab]
+                    cells.append(f"{'not reached':>26}" if h is None else
+                                 f"{h['elapsed']:>8.1f} s ({h['work']:>5.1f} it-eq)".rjust(26))
+                print(f"{row['single_iterations']:>4} {row['threshold']:>11.4g} " + " ".join(cells))
+            print("  it-eq: work done by then in final-size iterations (each step weighted by its pixel count); "
+                  "times include the set-up of each level (targets), the network is warm")
+            print("  seconds per final-size iteration: " + "; ".join(
+                f"{lab} {run['total_s'] / c['curves'][lab][-1]['work']:.2f}" for lab, run in c["runs"].items()))
+
+
+# ---- main -------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(
+        description="Benchmark nst_core.stylize: s/it and peak memory beside a bare VGG-19 forward+backward "
+                    "(overhead ratio), the CUDA targets, and coarse-to-fine vs single-scale time-to-loss.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    ap.add_argument("--device", default="auto", help="auto (default: cpu, plus cuda when present), cpu, cuda or cuda:N")
+    ap.add_argument("--sizes", default=None,
+                    help="comma-separated output sizes (longest side); default 256,512 on cpu, 512,1024,2048 on cuda")
+    ap.add_argument("--steps", type=int, default=None, help="timed steady-state steps per size (default 10; --quick 6; cuda 30)")
+    ap.add_argument("--warmup", type=int, default=3, help="loop steps left out before timing (default 3)")
+    ap.add_argument("--layer-split-steps", type=int, default=3,
+                    help="steps in which the loss terms are also timed layer by layer (default 3)")
+    ap.add_argument("--weights", default="random", help="random (default; needs no download), imagenet or a path")
+    ap.add_argument("--content", default=str(IMAGES / "tubingen.jpg"), help="content image (default ../shared/images/tubingen.jpg)")
+    ap.add_argument("--style", default=str(IMAGES / "starry_night.jpg"), help="style image (default ../shared/images/starry_night.jpg)")
+    ap.add_argument("--c2f-size", type=int, default=None, help="final size of the time-to-loss runs (cpu 512, --quick 256, cuda 2048)")
+    ap.add_argument("--c2f-iterations", type=int, default=None, help="iterations of each time-to-loss run (cpu 60, --quick 40, cuda 300)")
+    ap.add_argument("--c2f-levels", type=int, default=0, help="levels of the coarse-to-fine run (0: chosen from the size)")
+    ap.add_argument("--c2f-shares", default="",
+                    help="also try these finest-level shares (comma-separated, e.g. 0.6,0.8) in place of "
+                         f"params.FINEST_LEVEL_SHARE={params_module.FINEST_LEVEL_SHARE} (an experiment only)")
+    ap.add_argument("--sections", default="sizes,targets,c2f",
+                    help="what to run (default all): sizes (s/it, ratio, memory), targets (cuda only), c2f (time-to-loss)")
+    ap.add_argument("--big-iterations", type=int, default=LBFGS_HISTORY + 5,
+                    help="iterations of the cuda 2048x2048 memory run (default 105: more than 100 fills the L-BFGS history)")
+    ap.add_argument("--quick", action="store_true",
+                    help="a smaller run: cpu 256 only, 6 steps, time-to-loss at 256 px (128 then 256) with 40 iterations")
+    ap.add_argument("--json", action="store_true", help="print one JSON object (everything measured) instead of tables")
+    ap.add_argument("--json-file", metavar="PATH", help="also write that JSON object to PATH (tables still printed)")
+    ap.add_argument("--from-json", metavar="PATH", help="measure nothing: print the tables of a JSON file written before")
+    args = ap.parse_args(argv)
+    args.c2f_shares = [float(s) for s in args.c2f_shares.split(",") if s.strip()]
+    args.sections = {s.strip() for s in args.sections.split(",") if s.strip()}
+    unknown = args.sections - {"sizes", "targets", "c2f"}
+    if unknown:
+        ap.error(f"--sections: unknown {', '.join(sorted(unknown))} (sizes, targets, c2f)")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.from_json:
+        print_report(json.loads(Path(args.from_json).read_text()))
+        return 0
+    if args.device == "auto":
+        names = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    else:
+        names = [args.device]
+    missing = [p for p in (args.content, args.style) if not Path(p).is_file()]
+    if missing:
+        print(f"bench_engine: no such image: {', '.join(missing)} (the benchmark reads ../shared/images; "
+              f"use --content/--style)", file=sys.stderr)
+        return 2
+    content, style = load_image(args.content), load_image(args.style)
+    report = {"weights": args.weights, "content": args.content, "style": args.style, "devices": [],
+              "args": {k: v for k, v in vars(args).items()}}
+    for name in names:
+        device = devices.pick_device(name)
+        devices.configure(device)
+        args.device_name = name
+        cuda = device.type == "cuda"
+        sizes = ([int(s) for s in args.sizes.split(",")] if args.sizes else
+                 ([512, 1024, 2048] if cuda else ([256] if args.quick else [256, 512])))
+        a = argparse.Namespace(**vars(args))
+        a.steps = args.steps or (6 if args.quick else (30 if cuda else 10))
+        a.c2f_size = args.c2f_size or (2048 if cuda else (256 if args.quick else 512))
+        a.c2f_iterations = args.c2f_iterations or (300 if cuda else (40 if args.quick else 60))
+        dev = {"machine": machine_info(device), "sizes": []}
+        report.setdefault("machine", dev["machine"])
+        for size in (sizes if "sizes" in args.sections else []):
+            dev["sizes"].append(measure_size(content, style, size, a, device))
+            _log(args, f"{name} {size}: loop {dev['sizes'][-1]['loop_s_per_it']:.3f} s/it, "
+                       f"ratio {dev['sizes'][-1]['overhead_ratio']:.3f}")
+        if cuda and "targets" in args.sections:
+            dev["cuda_targets"] = cuda_targets(content, style, a, device)
+        if "c2f" in args.sections:
+            dev["time_to_loss"] = time_to_loss(content, style, a, device)
+        report["devices"].append(dev)
+    report["loadavg_end"] = _loadavg()
+    if args.json_file:
+        Path(args.json_file).write_text(json.dumps(report, indent=1, default=str) + "\n")
+    if args.json:
+        json.dump(report, sys.stdout, indent=1, default=str)
+        print()
+    else:
+        print_report(report)
+    return 0
+
+
+def _log(args, msg: str) -> None:
+    print(f"... {msg}", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
