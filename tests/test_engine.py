@@ -373,7 +373,11 @@ def test_coarse_to_fine_two_levels(shared_image, style):
     result = stylize(src, [style], fast(levels=2, iterations=6), progress=on_progress)
     # longest side 64 with the aspect ratio 4:3 kept: 64×48
     assert (result.picture.width, result.picture.height) == (64, 48)
-    assert [e.level for e in events] == [1, 1, 1, 1, 2, 2]  # 40% of the steps at the finest level
+    from nst_core.params import FINEST_LEVEL_SHARE
+
+    finest = round(6 * FINEST_LEVEL_SHARE)
+    assert 0 < finest < 6
+    assert [e.level for e in events] == [1] * (6 - finest) + [2] * finest
     assert all(e.levels == 2 and e.total == 6 for e in events)
     assert [e.step for e in events] == [1, 2, 3, 4, 5, 6]
     assert sizes == [(64, 48)] * 6  # previews at the output size, also from the coarse level
