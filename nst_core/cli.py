@@ -136,7 +136,7 @@ def cmd_stylize(args) -> int:
 
     out = Path(args.output)
     inputs = [Path(args.content), *map(Path, args.styles)]
-    if params.init not in ("noise", "content", "style"):
+    if params.init not in params_mod.INITS:
         inputs.append(Path(params.init))
     _check_output(out, inputs)
     if args.save_every < 0:
@@ -164,8 +164,7 @@ def cmd_stylize(args) -> int:
 def _check_output(out: Path, inputs: list[Path]) -> None:
     from . import images
 
-    if hasattr(images, "check_output_path"):
-        images.check_output_path(out)
+    images.check_output_path(out)
     for path in inputs:
         if out.exists() and path.exists() and os.path.samefile(out, path):
             raise ImageError(out, "is one of the input images; refusing to overwrite an input")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .params import VGG19_LAYERS
+from .params import VGG19_LAYERS, StyleParams
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -32,7 +32,7 @@ def state_dict_key(conv: str) -> str:
 class VGGFeatures(nn.Module):
     """VGG-19 up to `last`, returning the outputs of the layers asked for by name."""
 
-    def __init__(self, pooling: str = "avg", last: str = "relu5_4"):
+    def __init__(self, pooling: str = StyleParams.default("pooling"), last: str = "relu5_4"):
         super().__init__()
         if last not in VGG19_LAYERS:
             raise ValueError(f"unknown VGG-19 layer {last!r}")

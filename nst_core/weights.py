@@ -47,8 +47,10 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ParamError, WeightsError
-from .params import POOLINGS, VGG19_LAYERS
+from .params import POOLINGS, VGG19_LAYERS, StyleParams
 from .vgg import VGGFeatures, conv_names, state_dict_key
+
+_DEFAULTS = StyleParams()  # pooling and normalisation when a caller gives none
 
 IMAGENET_FILE = "vgg19-dcbb9e9d.pth"
 CALIBRATION_SIZE = 224
@@ -66,8 +68,8 @@ _ALL_CONVS = conv_names("relu5_4")
 
 # ---- the entry point ----------------------------------------------------------------------------
 
-def load_network(weights: str, *, pooling: str = "avg", normalize: bool = False, last: str = "relu5_4",
-                 device: torch.device | str = "cpu", progress: bool | Callable = False) -> VGGFeatures:
+def load_network(weights: str, *, pooling: str = _DEFAULTS.pooling, normalize: bool = _DEFAULTS.normalize_network,
+                 last: str = "relu5_4", device: torch.device | str = "cpu", progress: bool | Callable = False) -> VGGFeatures:
     """VGG-19 up to `last` on `device`, eval mode, frozen; `weights`: imagenet, random[:SEED] or a path.
 
     The result has ``weights_label`` (for people and result notes), ``is_random`` and
