@@ -57,7 +57,7 @@ import torch  # noqa: E402
 
 from nst_core import params as params_module  # noqa: E402
 from nst_core import Session, StyleParams, devices, losses, stylize  # noqa: E402
-from nst_core.engine import fit  # noqa: E402
+from nst_core.images import fit  # noqa: E402
 
 try:
     from nst_core.engine import _feasible_levels  # the levels the engine really runs

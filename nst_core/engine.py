@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from . import color, devices, losses
 from .errors import Cancelled, ImageError, OutOfMemory, ParamError
-from .images import Picture, load_image, resize_picture
+from .images import Picture, fit, load_image, resize_picture
 from .params import INITS, StyleParams
 from .vgg import VGGFeatures
 
@@ -340,12 +340,6 @@ class _Run:
 
 
 # ---- helpers --------------------------------------------------------------------------------------
-
-def fit(h: int, w: int, side: int) -> tuple[int, int]:
-    """(height, width) with the longest side `side`, keeping the aspect ratio."""
-    scale = side / max(h, w)
-    return max(1, round(h * scale)), max(1, round(w * scale))
-
 
 def resize(rgb: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """Antialiased bicubic resize of a C×H×W tensor (unchanged when the size already matches)."""

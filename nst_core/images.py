@@ -426,6 +426,12 @@ def _check_picture(picture: Picture) -> None:
 
 # ---- resizing -----------------------------------------------------------------------------------
 
+def fit(h: int, w: int, side: int) -> tuple[int, int]:
+    """(height, width) with the longest side `side`, keeping the aspect ratio."""
+    scale = side / max(h, w)
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
 def resize_picture(picture: Picture, longest_side: int | None = None, *,
                    size: tuple[int, int] | None = None) -> Picture:
     """A resized copy: to `longest_side` (aspect kept) or to `size=(width, height)`.
@@ -441,8 +447,7 @@ def resize_picture(picture: Picture, longest_side: int | None = None, *,
     if size is None:
         if isinstance(longest_side, bool) or not isinstance(longest_side, int) or longest_side < 1:
             raise ValueError(f"longest_side must be a whole number above 0, got {longest_side!r}")
-        scale = longest_side / max(w, h)
-        nw, nh = (longest_side, max(1, round(h * scale))) if w >= h else (max(1, round(w * scale)), longest_side)
+        nh, nw = fit(h, w, longest_side)
     else:
         nw, nh = size
         if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in (nw, nh)):
