@@ -1,11 +1,14 @@
 """Images in and out: the `Picture` type every part of Neural Style passes around.
 
 Loading (`load_image`) applies the EXIF orientation, keeps alpha exactly, and keeps 16 bits per
-channel where the file has them. Pillow's PNG and TIFF decoders reduce 16-bit RGB(A) and grey+alpha
+channel where the file has them. TIFF is read with tifffile (with imagecodecs for LZW, JPEG and
+the other compressions): every sample size, chunky or planar (PlanarConfiguration=2), grey, RGB or
+palette, with or without alpha; the kinds it gives no RGB for (CMYK, YCbCr, L*a*b*) go to Pillow,
+at 8 bits. Other formats are read with Pillow. Its PNG decoder reduces 16-bit RGB(A) and grey+alpha
 to 8 bits; we let the same C decoder run a second time with the byte order of its unpacker swapped,
-which yields the low bytes (for grey+alpha, the second pass copies the bytes as they are). That keeps decoding in
-Pillow's C code (no pure-Python unfiltering, no extra dependency); the tests check the result
-against PNG files written byte by byte.
+which yields the low bytes (for grey+alpha, the second pass copies the bytes as they are). That
+keeps PNG decoding in Pillow's C code; the tests check the result against PNG files written byte by
+byte. This relies on Pillow's unpacker names, hence the pin below its next major version.
 
 Saving (`save_image`) is atomic: a hidden temporary file in the target folder, fsync, rename, fsync
 of the folder. 16-bit pictures are written as 16-bit PNG or TIFF by the small encoders below
@@ -31,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import tifffile
 from PIL import Image, UnidentifiedImageError
 
 from .errors import ImageError
@@ -116,19 +120,10 @@ def load_image(path) -> Picture:
     except OSError as e:
         raise ImageError(path, f"cannot open the file ({e.strerror or e})") from None
     with f:
-        im = _open_checked(f, path)
-        with im:
-            try:
-                planes, alpha, depth, notes = _decode(im, f)
-                orientation = _exif_orientation(im)
-            except ImageError:
-                raise
-            except MemoryError:
-                raise ImageError(path, f"not enough memory to decode a {im.width}×{im.height} image") from None
-            except (OSError, SyntaxError, EOFError, ValueError, TypeError, IndexError, KeyError,
-                    struct.error, zlib.error) as e:
-                raise ImageError(path, f"the image data is truncated or damaged ({e})") from None
-            info = {"format": im.format, "mode": im.mode, **notes}
+        got = _read_tiff(f, path) if _is_tiff(f) else None
+        if got is None:
+            got = _read_pillow(f, path)
+    planes, alpha, depth, orientation, info = got
     rgb = torch.from_numpy(np.ascontiguousarray(planes.transpose(2, 0, 1)).astype(np.float32))
     rgb /= 65535.0 if depth == 16 else 255.0
     a = None if alpha is None else torch.from_numpy(alpha.astype(np.int32))
@@ -137,6 +132,23 @@ def load_image(path) -> Picture:
         a = None if a is None else _orient(a, orientation)
         info["exif_orientation"] = orientation
     return Picture(rgb.contiguous(), None if a is None else a.contiguous(), depth, str(path), info)
+
+
+def _read_pillow(f, path: Path) -> tuple[np.ndarray, np.ndarray | None, int, int, dict]:
+    """Decode with Pillow: planes, alpha, bit depth, EXIF orientation, info."""
+    im = _open_checked(f, path)
+    with im:
+        try:
+            planes, alpha, depth, notes = _decode(im, f)
+            orientation = _exif_orientation(im)
+        except ImageError:
+            raise
+        except MemoryError:
+            raise ImageError(path, f"not enough memory to decode a {im.width}×{im.height} image") from None
+        except (OSError, SyntaxError, EOFError, ValueError, TypeError, IndexError, KeyError,
+                struct.error, zlib.error) as e:
+            raise ImageError(path, f"the image data is truncated or damaged ({e})") from None
+        return planes, alpha, depth, orientation, {"format": im.format, "mode": im.mode, **notes}
 
 
 def _check_input_file(path: Path) -> None:
@@ -239,8 +251,10 @@ def _decode(im: Image.Image, f) -> tuple[np.ndarray, np.ndarray | None, int, dic
     notes: dict = {}
     raw = _tile_rawmode(im) or ""
     fmt = im.format
+    if fmt == "TIFF" and ";16" in raw:  # only kinds tifffile leaves to Pillow (CMYK, YCbCr, ...)
+        notes["precision_note"] = "16-bit samples read with 8-bit precision"
     m_rgb, m_la = _WIDE_RGB.fullmatch(raw), _WIDE_LA.fullmatch(raw)
-    if m_rgb or m_la:
+    if (m_rgb or m_la) and fmt == "PNG":
         # 16-bit colour: Pillow keeps the high bytes; decode again for the low bytes.
         im.load()
         hi = np.asarray(im)
@@ -301,6 +315,123 @@ def _decode(im: Image.Image, f) -> tuple[np.ndarray, np.ndarray | None, int, dic
     # without a colour profile).
     target = "RGBA" if mode in ("RGBa", "La") else "RGB"
     return _split_alpha(np.asarray(im.convert(target))) + (8, notes)
+
+
+# ---- TIFF ---------------------------------------------------------------------------------------
+
+_TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # classic and BigTIFF, either byte order
+# Photometric interpretations that tifffile's samples give RGB(A) for: MinIsWhite, MinIsBlack, RGB,
+# palette. The rest (CMYK, YCbCr, CIE L*a*b*, ...) are left to Pillow, which converts them to RGB.
+_TIFF_OWN = frozenset({0, 1, 2, 3})
+
+
+def _is_tiff(f) -> bool:
+    try:
+        f.seek(0)
+        head = f.read(4)
+        f.seek(0)
+    except OSError:
+        return False
+    return head in _TIFF_MAGIC
+
+
+def _read_tiff(f, path: Path) -> tuple[np.ndarray, np.ndarray | None, int, int, dict] | None:
+    """Decode the first image of a TIFF with tifffile, every layout (chunky or planar), sample size
+    and compression it knows; None for the kinds left to Pillow."""
+    try:
+        tif = tifffile.TiffFile(f)
+    except Exception as e:  # tifffile raises several types for a damaged header
+        raise ImageError(path, f"cannot read the image header: truncated or damaged ({e})") from None
+    with tif:
+        try:
+            page = tif.pages[0]
+        except Exception as e:
+            raise ImageError(path, f"cannot read the image header: truncated or damaged ({e})") from None
+        photometric = int(page.photometric)
+        if photometric not in _TIFF_OWN or page.dtype is None:
+            return None
+        w, h, depth = page.imagewidth, page.imagelength, max(1, page.imagedepth)
+        if w <= 0 or h <= 0:
+            raise ImageError(path, f"the image has no pixels ({w}×{h})")
+        n = w * h * depth
+        if n > MAX_PIXELS or n * page.samplesperpixel > 4 * MAX_PIXELS:
+            raise ImageError(path, f"the image is too large: {w}×{h}{f'×{depth}' if depth > 1 else ''} = {n:,} "
+                                   f"pixels, at most {MAX_PIXELS:,} are accepted (refusing to decode it: "
+                                   "possibly a decompression bomb)")
+        try:
+            data = page.asarray()
+            planes, alpha, bits, notes = _tiff_planes(page, data)
+        except MemoryError:
+            raise ImageError(path, f"not enough memory to decode a {w}×{h} image") from None
+        except ImageError:
+            raise
+        except Exception as e:  # tifffile and imagecodecs raise many types for damaged data
+            raise ImageError(path, f"the image data is truncated or damaged ({e})") from None
+        tag = page.tags.get(_ORIENTATION_TAG)
+        orientation = int(tag.value) if tag is not None and isinstance(tag.value, int) else 1
+        info = {"format": "TIFF", "mode": notes.pop("mode"), "bits_per_sample": page.bitspersample,
+                "compression": page.compression.name, "planar": page.planarconfig == 2, **notes}
+        if depth > 1:
+            info["depth_note"] = f"the first of {depth} slices"
+    return planes, alpha, bits, orientation, info
+
+
+def _tiff_planes(page, data: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, int, dict]:
+    """H×W×3 colour and H×W alpha at 8 or 16 bits from a page's samples."""
+    # shaped: (separate samples, depth, length, width, contiguous samples); one of the two sample
+    # axes is 1, so this puts the samples last whether the file is chunky or planar
+    data = data.reshape(page.shaped)[:, 0].transpose(1, 2, 0, 3)
+    data = data.reshape(data.shape[0], data.shape[1], -1)
+    photometric = int(page.photometric)
+    notes: dict = {}
+    if photometric == 3:  # palette: 16-bit colour map entries taken to 8 bits, as Pillow does
+        if page.colormap is None:
+            raise ValueError("a palette image without a colour map")
+        cmap = (np.asarray(page.colormap, np.uint16) >> 8).astype(np.uint8).T
+        notes["mode"] = "P"
+        return np.take(cmap, data[..., 0].astype(np.intp), axis=0, mode="clip"), None, 8, notes
+    colour = 3 if photometric == 2 else 1
+    spp = data.shape[-1]
+    if spp < colour:
+        raise ValueError(f"{spp} samples a pixel for RGB")
+    extras = tuple(int(e) for e in page.extrasamples)
+    # the first extra sample is alpha unless the file says it is "unspecified" data (0); without an
+    # ExtraSamples tag, one extra sample is alpha (Pillow reads both cases so)
+    has_alpha = spp > colour and (extras[0] != 0 if extras else spp == colour + 1)
+    if data.dtype.kind == "f":
+        notes["float_range"] = "values taken as [0, 1]"
+    values, bits = _tiff_values(data[..., :colour + has_alpha], page)
+    top = (1 << bits) - 1
+    rgb, alpha = values[..., :colour], (values[..., colour].astype(np.int32) if has_alpha else None)
+    if photometric == 0:
+        rgb = top - rgb
+    if alpha is not None and extras and extras[0] == 1:  # associated (premultiplied) alpha
+        c, a = rgb.astype(np.int64), alpha[..., None]
+        rgb = np.where(a > 0, np.minimum((c * top + a // 2) // np.maximum(a, 1), top), 0).astype(rgb.dtype)
+    if colour == 1:
+        rgb = np.repeat(rgb, 3, -1)
+    notes["mode"] = ("RGB" if colour == 3 else "L") + ("A" if has_alpha else "")
+    return rgb, alpha, bits, notes
+
+
+def _tiff_values(a: np.ndarray, page) -> tuple[np.ndarray, int]:
+    """Samples as uint8 (sources of 1 to 8 bits) or uint16 (wider ones, and floats taken as [0, 1])."""
+    if a.dtype.kind == "f":
+        a = np.nan_to_num(a.astype(np.float32), nan=0.0, posinf=1.0, neginf=0.0)
+        return np.rint(np.clip(a, 0.0, 1.0) * 65535).astype(np.uint16), 16
+    if a.dtype.kind == "b":
+        return a.astype(np.uint8) * np.uint8(255), 8
+    bits = int(page.bitspersample)
+    if a.dtype.kind == "i":  # signed: the non-negative half is the range
+        a, bits = np.clip(a, 0, None).astype(a.dtype.str.replace("i", "u")), bits - 1
+    out_bits = 8 if bits <= 8 else 16
+    dtype = np.uint8 if out_bits == 8 else np.uint16
+    if bits == out_bits:
+        return a.astype(dtype, copy=False), out_bits
+    if bits > 16:
+        return (a >> (bits - 16)).astype(np.uint16), 16
+    top, m = (1 << out_bits) - 1, (1 << bits) - 1
+    return ((a.astype(np.uint32) * top + m // 2) // m).astype(dtype), out_bits
 
 
 def _split_alpha(a: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
