@@ -11,7 +11,7 @@ keeps PNG decoding in Pillow's C code; the tests check the result against PNG fi
 byte. This relies on Pillow's unpacker names, hence the pin below its next major version.
 
 Saving (`save_image`) is atomic: a hidden temporary file in the target folder, fsync, rename, fsync
-of the folder. 16-bit pictures are written as 16-bit PNG or TIFF by the small encoders below
+of the folder. TIFF is written by tifffile (8 or 16 bits); 16-bit PNG by the small encoder below
 (Pillow cannot write 16-bit RGB). JPEG and BMP have no alpha: pictures with alpha are composited
 over white, as browsers and image editors flatten them.
 
@@ -642,10 +642,13 @@ def save_image(picture: Picture, path, metadata: dict | None = None, *, overwrit
     text = _metadata_text(path, metadata)
     sixteen = picture.bit_depth == 16 and fmt in SIXTEEN_BIT_FORMATS
     with_alpha = picture.alpha is not None and fmt in ALPHA_FORMATS
-    if sixteen:
+    if fmt == "TIFF":
+        planes = _to_ints(picture, 16 if sixteen else 8, with_alpha)
+        planes = planes if sixteen else planes.astype(np.uint8)
+        write = lambda f: _write_tiff(f, planes, text)  # noqa: E731
+    elif sixteen:
         planes = _to_ints(picture, 16, with_alpha)
-        write = (lambda f: f.write(_encode_png16(planes, text))) if fmt == "PNG" else \
-                (lambda f: f.write(_encode_tiff16(planes, text)))
+        write = lambda f: f.write(_encode_png16(planes, text))  # noqa: E731
     else:
         im = _to_pil(picture, with_alpha)
         write = lambda f: _save_pil(im, f, fmt, text)  # noqa: E731
@@ -690,11 +693,21 @@ def _save_pil(im: Image.Image, f, fmt: str, text: dict[str, str]) -> None:
         im.save(f, "JPEG", quality=JPEG_QUALITY, subsampling=0, optimize=True, **kw)
     elif fmt == "WEBP":
         im.save(f, "WEBP", quality=WEBP_QUALITY, method=4, exact=True)
-    elif fmt == "TIFF":
-        kw = {"tiffinfo": {270: desc}} if desc else {}
-        im.save(f, "TIFF", compression="tiff_adobe_deflate", **kw)
     else:
         im.save(f, fmt)
+
+
+def _write_tiff(f, planes: np.ndarray, text: dict[str, str]) -> None:
+    """RGB or RGBA (unassociated alpha), 8 or 16 bits a sample as `planes` holds them, chunky,
+    Deflate with the horizontal predictor; metadata as the ImageDescription (TIFF ASCII is 7-bit:
+    other characters become "?")."""
+    desc = "\n".join(f"{k}={v}" for k, v in text.items()).encode("ascii", "replace").decode("ascii")
+    buf = io.BytesIO()  # tifffile takes a file object's name for a path; ours is a descriptor
+    tifffile.imwrite(buf, planes, photometric="rgb", planarconfig="contig",
+                     extrasamples=["unassalpha"] if planes.shape[-1] == 4 else None,
+                     compression="zlib", predictor=True, description=desc or None, metadata=None,
+                     software=False, resolution=None)
+    f.write(buf.getbuffer())
 
 
 def _atomic_write(path: Path, write, overwrite: bool) -> None:
@@ -772,7 +785,7 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-# ---- 16-bit encoders (Pillow writes 16-bit grey only) ---------------------------------------------
+# ---- 16-bit PNG encoder (Pillow writes 16-bit grey only) ------------------------------------------
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_ROWS_PER_BATCH = 256
@@ -832,62 +845,4 @@ def _encode_png16(planes: np.ndarray, text: dict[str, str]) -> bytes:
     pending += z.flush()
     out.write(_png_chunk(b"IDAT", bytes(pending)))
     out.write(_png_chunk(b"IEND", b""))
-    return out.getvalue()
-
-
-def _encode_tiff16(planes: np.ndarray, text: dict[str, str]) -> bytes:
-    """A little-endian baseline TIFF, 16 bits a sample, RGB or RGBA (unassociated alpha),
-    Deflate-compressed strips with the horizontal-differencing predictor."""
-    h, w, c = planes.shape
-    diff = planes.astype(np.uint16)
-    diff[:, 1:] = planes[:, 1:] - planes[:, :-1]  # uint16 arithmetic wraps, as the predictor wants
-    data = np.ascontiguousarray(diff, dtype="<u2")
-    rows_per_strip = max(1, (256 * 1024) // (w * c * 2))
-    strips = [zlib.compress(data[y:y + rows_per_strip].tobytes(), 6) for y in range(0, h, rows_per_strip)]
-    # TIFF ASCII is 7-bit: other characters become "?" (as Pillow writes them in 8-bit TIFFs)
-    desc = "\n".join(f"{k}={v}" for k, v in text.items()).encode("ascii", "replace") + b"\0" if text else b""
-
-    out = io.BytesIO()
-    out.write(b"II*\0" + b"\0\0\0\0")  # the IFD offset is filled in below
-    offsets = []
-    for s in strips:
-        offsets.append(out.tell())
-        out.write(s)
-        if out.tell() % 2:
-            out.write(b"\0")
-    extra: dict[int, int] = {}
-
-    def put(blob: bytes) -> int:
-        pos = out.tell()
-        out.write(blob + (b"\0" if len(blob) % 2 else b""))
-        return pos
-
-    # (tag, type, count, values-or-blob); types: 2 ASCII, 3 SHORT, 4 LONG
-    entries = [
-        (256, 4, 1, [w]), (257, 4, 1, [h]), (258, 3, c, [16] * c), (259, 3, 1, [8]), (262, 3, 1, [2]),
-    ]
-    if desc:
-        entries.append((270, 2, len(desc), desc))
-    entries += [
-        (273, 4, len(strips), offsets), (277, 3, 1, [c]), (278, 4, 1, [rows_per_strip]),
-        (279, 4, len(strips), [len(s) for s in strips]), (284, 3, 1, [1]), (317, 3, 1, [2]),
-    ]
-    if c == 4:
-        entries.append((338, 3, 1, [2]))  # unassociated alpha
-    packed = []
-    for tag, typ, count, vals in entries:
-        blob = vals if isinstance(vals, bytes) else struct.pack(f"<{count}{'H' if typ == 3 else 'I'}", *vals)
-        if len(blob) <= 4:
-            packed.append((tag, typ, count, blob.ljust(4, b"\0")))
-        else:
-            extra[tag] = put(blob)
-            packed.append((tag, typ, count, struct.pack("<I", extra[tag])))
-    ifd = out.tell()
-    out.write(struct.pack("<H", len(packed)))
-    for tag, typ, count, val in packed:
-        out.write(struct.pack("<HHI", tag, typ, count) + val)
-    out.write(b"\0\0\0\0")
-    buf = out.getbuffer()
-    buf[4:8] = struct.pack("<I", ifd)
-    del buf
     return out.getvalue()
