@@ -26,6 +26,8 @@ from nst_core.images import (
     picture_to_pixels,
     resize_picture,
     save_image,
+    temporary_files,
+    temporary_name,
 )
 
 SHARED_IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "images"
@@ -676,3 +678,94 @@ def test_our_16bit_png_is_read_back_by_pypng_bit_exactly(tmp_path, channels):
     width, height, rows, info = png.Reader(filename=str(tmp_path / "out.png")).read()
     assert (width, height, info["bitdepth"], info["planes"], info["alpha"]) == (70, 50, 16, channels, channels == 4)
     assert np.array_equal(np.vstack([np.asarray(r, np.uint16) for r in rows]).reshape(50, 70, channels), a)
+
+
+# ---- long names and temporary files -------------------------------------------------------------
+
+def name_of(n_bytes: int, char: str = "a", ext: str = ".png") -> str:
+    """A file name of exactly n_bytes bytes in UTF-8, made of `char` (1, 2 or 3 bytes) and ext."""
+    body = n_bytes - len(ext)
+    width = len(char.encode())
+    name = char * (body // width) + "x" * (body % width) + ext
+    assert len(name.encode()) == n_bytes
+    return name
+
+
+@pytest.mark.parametrize("char", ["a", "é", "日"])
+def test_output_names_up_to_name_max_are_written(tmp_path, char):
+    # names of 242-255 bytes used to be refused: the temporary name was 14 bytes longer
+    pic = small_picture()
+    for n in (200, 241, 242, 250, 254, 255):
+        out = tmp_path / name_of(n, char)
+        save_image(pic, out)
+        assert load_image(out).width == 11
+        assert sorted(p.name for p in tmp_path.iterdir()) == [out.name], n
+        out.unlink()
+    save_image(small_picture(bits=16), tmp_path / name_of(255, char, ".tiff"))
+    assert [len(p.name.encode()) for p in tmp_path.iterdir()] == [255]
+
+
+def test_a_name_longer_than_the_file_system_allows_is_refused_up_front(tmp_path):
+    out = tmp_path / name_of(256)
+    with pytest.raises(ImageError) as e:
+        check_output_path(out)
+    assert "256 bytes" in str(e.value) and "255" in str(e.value)
+    with pytest.raises(ImageError):
+        save_image(small_picture(), out)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("char", ["a", "é", "日"])
+def test_temporary_names_are_hidden_unique_and_fit(tmp_path, char):
+    for n in range(5, 256):
+        out = tmp_path / name_of(n, char)
+        names = {temporary_name(out) for _ in range(20)}
+        assert len(names) == 20
+        for t in names:
+            raw = t.encode()  # valid UTF-8: never cut inside a character
+            assert t.startswith(".") and t.endswith(".tmp") and "/" not in t
+            assert len(raw) <= 255, (n, len(raw))
+    # two long names that differ only past what fits have different temporary names
+    a, b = tmp_path / name_of(255, "a", ".png"), tmp_path / name_of(255, "a", ".jpg")
+    ta, tb = temporary_name(a), temporary_name(b)
+    assert ta[:-17] != tb[:-17]  # everything but the random part
+
+
+KILLED_WRITERS = """
+import os, signal, sys
+from pathlib import Path
+from nst_core.images import atomic_write
+
+def write(f):
+    f.write(b"half an image")
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)  # killed in the middle of writing
+
+for target in sys.argv[1:]:  # one writer process for each target, each killed while writing
+    pid = os.fork()
+    if pid == 0:
+        atomic_write(Path(target), write)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    print(os.WIFSIGNALED(status) and os.WTERMSIG(status))
+"""
+
+
+def test_temporary_files_finds_what_a_killed_write_left_and_nothing_else(tmp_path):
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    out, other = tmp_path / name_of(255, "é", ".png"), tmp_path / name_of(255, "é", ".jpg")
+    proc = subprocess.run([sys.executable, "-c", KILLED_WRITERS, str(out), str(other)], cwd=repo, timeout=120,
+                          capture_output=True, text=True)
+    assert proc.stdout.split() == [str(int(signal.SIGKILL))] * 2, proc.stderr
+    left = sorted(tmp_path.iterdir())
+    assert len(left) == 2 and all(p.name.startswith(".") and p.name.endswith(".tmp") for p in left)
+    assert not out.exists() and not other.exists()
+    mine = temporary_files(out)
+    (tmp_path / (mine[0].name[:-16] + "not-one-of-ours")).write_bytes(b"")
+    assert len(mine) == 1 and mine[0].read_bytes() == b"half an image" and temporary_files(out) == mine
+    assert temporary_files(other) != mine and len(temporary_files(other)) == 1
+    save_image(small_picture(), out)  # and a later write to the same name is not disturbed by them
+    assert out.is_file()
