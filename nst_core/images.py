@@ -124,6 +124,7 @@ def load_image(path) -> Picture:
     with f:
         got = _read_tiff(f, path) if _is_tiff(f) else None
         if got is None:
+            f.seek(0)
             got = _read_pillow(f, path)
     planes, alpha, depth, orientation, info = got
     rgb = torch.from_numpy(np.ascontiguousarray(planes.transpose(2, 0, 1)).astype(np.float32))
@@ -347,11 +348,10 @@ def _read_tiff(f, path: Path) -> tuple[np.ndarray, np.ndarray | None, int, int, 
     with tif:
         try:
             page = tif.pages[0]
+            if int(page.photometric) not in _TIFF_OWN or page.dtype is None:
+                return None
         except Exception as e:
             raise ImageError(path, f"cannot read the image header: truncated or damaged ({e})") from None
-        photometric = int(page.photometric)
-        if photometric not in _TIFF_OWN or page.dtype is None:
-            return None
         w, h, depth = page.imagewidth, page.imagelength, max(1, page.imagedepth)
         if w <= 0 or h <= 0:
             raise ImageError(path, f"the image has no pixels ({w}×{h})")
@@ -371,8 +371,9 @@ def _read_tiff(f, path: Path) -> tuple[np.ndarray, np.ndarray | None, int, int, 
             raise ImageError(path, f"the image data is truncated or damaged ({e})") from None
         tag = page.tags.get(_ORIENTATION_TAG)
         orientation = int(tag.value) if tag is not None and isinstance(tag.value, int) else 1
+        compression = getattr(page.compression, "name", str(page.compression))
         info = {"format": "TIFF", "mode": notes.pop("mode"), "bits_per_sample": page.bitspersample,
-                "compression": page.compression.name, "planar": page.planarconfig == 2, **notes}
+                "compression": compression, "planar": page.planarconfig == 2, **notes}
         if depth > 1:
             info["depth_note"] = f"the first of {depth} slices"
     return planes, alpha, bits, orientation, info
