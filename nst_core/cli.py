@@ -141,13 +141,14 @@ def cmd_stylize(args) -> int:
     _check_output(out, inputs)
     if args.save_every < 0:
         raise ParamError("save_every", "must be 0 or more")
+    _check_save_every(out, inputs, args.save_every, params.iterations)
 
     report = _Reporter(json_mode=args.json, quiet=args.quiet)
 
     def on_progress(event: engine.Progress):
         report.progress(event)
         if args.save_every and event.step % args.save_every == 0 and event.step < event.total:
-            images.save_image(event.image(), out.with_name(f"{out.stem}_step{event.step:05d}{out.suffix}"))
+            images.save_image(event.image(), _step_path(out, event.step))
 
     try:
         result = engine.stylize(args.content, args.styles, params, progress=on_progress)
@@ -168,6 +169,44 @@ def _check_output(out: Path, inputs: list[Path]) -> None:
     for path in inputs:
         if out.exists() and path.exists() and os.path.samefile(out, path):
             raise ImageError(out, "is one of the input images; refusing to overwrite an input")
+
+
+def _step_path(out: Path, step: int) -> Path:
+    """Where --save-every writes the image of `step`: OUT_stepNNNNN.ext."""
+    return out.with_name(f"{out.stem}_step{step:05d}{out.suffix}")
+
+
+def _check_save_every(out: Path, inputs: list[Path], every: int, total: int) -> None:
+    """Before the run: every name --save-every will write fits the file system and is none of the inputs."""
+    from . import images
+
+    steps = range(every, total, every) if every else range(0)
+    if not steps:
+        return
+    longest = _step_path(out, steps[-1])
+    size, limit = len(os.fsencode(longest.name)), images.name_max(longest.parent)
+    if size > limit:
+        raise ImageError(longest, f"the file name is {size} bytes long, the file system allows at most {limit}: "
+                                  "a name --save-every would write; choose a shorter output name")
+    taken = {}
+    for path in inputs:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        taken[(st.st_dev, st.st_ino)] = path
+    for step in steps:
+        target = _step_path(out, step)
+        try:
+            st = os.stat(target)
+        except OSError:
+            continue
+        source = taken.get((st.st_dev, st.st_ino))
+        if source is not None:
+            what = ("an input image" if os.path.abspath(source) == os.path.abspath(target)
+                    else f"the same file as the input {str(source)!r}")
+            raise ImageError(target, f"is {what}; --save-every would overwrite it at step {step}: "
+                                     "choose another output name")
 
 
 def _metadata(result) -> dict:

@@ -1,14 +1,17 @@
 """Images in and out: the `Picture` type every part of Neural Style passes around.
 
 Loading (`load_image`) applies the EXIF orientation, keeps alpha exactly, and keeps 16 bits per
-channel where the file has them. Pillow's PNG and TIFF decoders reduce 16-bit RGB(A) and grey+alpha
+channel where the file has them. TIFF is read with tifffile (with imagecodecs for LZW, JPEG and
+the other compressions): every sample size, chunky or planar (PlanarConfiguration=2), grey, RGB or
+palette, with or without alpha; the kinds it gives no RGB for (CMYK, YCbCr, L*a*b*) go to Pillow,
+at 8 bits. Other formats are read with Pillow. Its PNG decoder reduces 16-bit RGB(A) and grey+alpha
 to 8 bits; we let the same C decoder run a second time with the byte order of its unpacker swapped,
-which yields the low bytes (for grey+alpha, the second pass copies the bytes as they are). That keeps decoding in
-Pillow's C code (no pure-Python unfiltering, no extra dependency); the tests check the result
-against PNG files written byte by byte.
+which yields the low bytes (for grey+alpha, the second pass copies the bytes as they are). That
+keeps PNG decoding in Pillow's C code; the tests check the result against PNG files written byte by
+byte. This relies on Pillow's unpacker names, hence the pin below its next major version.
 
 Saving (`save_image`) is atomic: a hidden temporary file in the target folder, fsync, rename, fsync
-of the folder. 16-bit pictures are written as 16-bit PNG or TIFF by the small encoders below
+of the folder. TIFF is written by tifffile (8 or 16 bits); 16-bit PNG by the small encoder below
 (Pillow cannot write 16-bit RGB). JPEG and BMP have no alpha: pictures with alpha are composited
 over white, as browsers and image editors flatten them.
 
@@ -17,13 +20,15 @@ Problems the user can fix are `ImageError`s that name the file and the problem.
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import io
 import os
 import re
+import secrets
 import stat
 import struct
 import sys
-import tempfile
 import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -31,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import tifffile
 from PIL import Image, UnidentifiedImageError
 
 from .errors import ImageError
@@ -116,19 +122,11 @@ def load_image(path) -> Picture:
     except OSError as e:
         raise ImageError(path, f"cannot open the file ({e.strerror or e})") from None
     with f:
-        im = _open_checked(f, path)
-        with im:
-            try:
-                planes, alpha, depth, notes = _decode(im, f)
-                orientation = _exif_orientation(im)
-            except ImageError:
-                raise
-            except MemoryError:
-                raise ImageError(path, f"not enough memory to decode a {im.width}×{im.height} image") from None
-            except (OSError, SyntaxError, EOFError, ValueError, TypeError, IndexError, KeyError,
-                    struct.error, zlib.error) as e:
-                raise ImageError(path, f"the image data is truncated or damaged ({e})") from None
-            info = {"format": im.format, "mode": im.mode, **notes}
+        got = _read_tiff(f, path) if _is_tiff(f) else None
+        if got is None:
+            f.seek(0)
+            got = _read_pillow(f, path)
+    planes, alpha, depth, orientation, info = got
     rgb = torch.from_numpy(np.ascontiguousarray(planes.transpose(2, 0, 1)).astype(np.float32))
     rgb /= 65535.0 if depth == 16 else 255.0
     a = None if alpha is None else torch.from_numpy(alpha.astype(np.int32))
@@ -137,6 +135,23 @@ def load_image(path) -> Picture:
         a = None if a is None else _orient(a, orientation)
         info["exif_orientation"] = orientation
     return Picture(rgb.contiguous(), None if a is None else a.contiguous(), depth, str(path), info)
+
+
+def _read_pillow(f, path: Path) -> tuple[np.ndarray, np.ndarray | None, int, int, dict]:
+    """Decode with Pillow: planes, alpha, bit depth, EXIF orientation, info."""
+    im = _open_checked(f, path)
+    with im:
+        try:
+            planes, alpha, depth, notes = _decode(im, f)
+            orientation = _exif_orientation(im)
+        except ImageError:
+            raise
+        except MemoryError:
+            raise ImageError(path, f"not enough memory to decode a {im.width}×{im.height} image") from None
+        except (OSError, SyntaxError, EOFError, ValueError, TypeError, IndexError, KeyError,
+                struct.error, zlib.error) as e:
+            raise ImageError(path, f"the image data is truncated or damaged ({e})") from None
+        return planes, alpha, depth, orientation, {"format": im.format, "mode": im.mode, **notes}
 
 
 def _check_input_file(path: Path) -> None:
@@ -239,8 +254,10 @@ def _decode(im: Image.Image, f) -> tuple[np.ndarray, np.ndarray | None, int, dic
     notes: dict = {}
     raw = _tile_rawmode(im) or ""
     fmt = im.format
+    if fmt == "TIFF" and ";16" in raw:  # only kinds tifffile leaves to Pillow (CMYK, YCbCr, ...)
+        notes["precision_note"] = "16-bit samples read with 8-bit precision"
     m_rgb, m_la = _WIDE_RGB.fullmatch(raw), _WIDE_LA.fullmatch(raw)
-    if m_rgb or m_la:
+    if (m_rgb or m_la) and fmt == "PNG":
         # 16-bit colour: Pillow keeps the high bytes; decode again for the low bytes.
         im.load()
         hi = np.asarray(im)
@@ -301,6 +318,123 @@ def _decode(im: Image.Image, f) -> tuple[np.ndarray, np.ndarray | None, int, dic
     # without a colour profile).
     target = "RGBA" if mode in ("RGBa", "La") else "RGB"
     return _split_alpha(np.asarray(im.convert(target))) + (8, notes)
+
+
+# ---- TIFF ---------------------------------------------------------------------------------------
+
+_TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # classic and BigTIFF, either byte order
+# Photometric interpretations that tifffile's samples give RGB(A) for: MinIsWhite, MinIsBlack, RGB,
+# palette. The rest (CMYK, YCbCr, CIE L*a*b*, ...) are left to Pillow, which converts them to RGB.
+_TIFF_OWN = frozenset({0, 1, 2, 3})
+
+
+def _is_tiff(f) -> bool:
+    try:
+        f.seek(0)
+        head = f.read(4)
+        f.seek(0)
+    except OSError:
+        return False
+    return head in _TIFF_MAGIC
+
+
+def _read_tiff(f, path: Path) -> tuple[np.ndarray, np.ndarray | None, int, int, dict] | None:
+    """Decode the first image of a TIFF with tifffile, every layout (chunky or planar), sample size
+    and compression it knows; None for the kinds left to Pillow."""
+    try:
+        tif = tifffile.TiffFile(f)
+    except Exception as e:  # tifffile raises several types for a damaged header
+        raise ImageError(path, f"cannot read the image header: truncated or damaged ({e})") from None
+    with tif:
+        try:
+            page = tif.pages[0]
+            if int(page.photometric) not in _TIFF_OWN or page.dtype is None:
+                return None
+        except Exception as e:
+            raise ImageError(path, f"cannot read the image header: truncated or damaged ({e})") from None
+        w, h, depth = page.imagewidth, page.imagelength, max(1, page.imagedepth)
+        if w <= 0 or h <= 0:
+            raise ImageError(path, f"the image has no pixels ({w}×{h})")
+        n = w * h * depth
+        if n > MAX_PIXELS or n * page.samplesperpixel > 4 * MAX_PIXELS:
+            raise ImageError(path, f"the image is too large: {w}×{h}{f'×{depth}' if depth > 1 else ''} = {n:,} "
+                                   f"pixels, at most {MAX_PIXELS:,} are accepted (refusing to decode it: "
+                                   "possibly a decompression bomb)")
+        try:
+            data = page.asarray()
+            planes, alpha, bits, notes = _tiff_planes(page, data)
+        except MemoryError:
+            raise ImageError(path, f"not enough memory to decode a {w}×{h} image") from None
+        except ImageError:
+            raise
+        except Exception as e:  # tifffile and imagecodecs raise many types for damaged data
+            raise ImageError(path, f"the image data is truncated or damaged ({e})") from None
+        tag = page.tags.get(_ORIENTATION_TAG)
+        orientation = int(tag.value) if tag is not None and isinstance(tag.value, int) else 1
+        compression = getattr(page.compression, "name", str(page.compression))
+        info = {"format": "TIFF", "mode": notes.pop("mode"), "bits_per_sample": page.bitspersample,
+                "compression": compression, "planar": page.planarconfig == 2, **notes}
+        if depth > 1:
+            info["depth_note"] = f"the first of {depth} slices"
+    return planes, alpha, bits, orientation, info
+
+
+def _tiff_planes(page, data: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, int, dict]:
+    """H×W×3 colour and H×W alpha at 8 or 16 bits from a page's samples."""
+    # shaped: (separate samples, depth, length, width, contiguous samples); one of the two sample
+    # axes is 1, so this puts the samples last whether the file is chunky or planar
+    data = data.reshape(page.shaped)[:, 0].transpose(1, 2, 0, 3)
+    data = data.reshape(data.shape[0], data.shape[1], -1)
+    photometric = int(page.photometric)
+    notes: dict = {}
+    if photometric == 3:  # palette: 16-bit colour map entries taken to 8 bits, as Pillow does
+        if page.colormap is None:
+            raise ValueError("a palette image without a colour map")
+        cmap = (np.asarray(page.colormap, np.uint16) >> 8).astype(np.uint8).T
+        notes["mode"] = "P"
+        return np.take(cmap, data[..., 0].astype(np.intp), axis=0, mode="clip"), None, 8, notes
+    colour = 3 if photometric == 2 else 1
+    spp = data.shape[-1]
+    if spp < colour:
+        raise ValueError(f"{spp} samples a pixel for RGB")
+    extras = tuple(int(e) for e in page.extrasamples)
+    # the first extra sample is alpha unless the file says it is "unspecified" data (0); without an
+    # ExtraSamples tag, one extra sample is alpha (Pillow reads both cases so)
+    has_alpha = spp > colour and (extras[0] != 0 if extras else spp == colour + 1)
+    if data.dtype.kind == "f":
+        notes["float_range"] = "values taken as [0, 1]"
+    values, bits = _tiff_values(data[..., :colour + has_alpha], page)
+    top = (1 << bits) - 1
+    rgb, alpha = values[..., :colour], (values[..., colour].astype(np.int32) if has_alpha else None)
+    if photometric == 0:
+        rgb = top - rgb
+    if alpha is not None and extras and extras[0] == 1:  # associated (premultiplied) alpha
+        c, a = rgb.astype(np.int64), alpha[..., None]
+        rgb = np.where(a > 0, np.minimum((c * top + a // 2) // np.maximum(a, 1), top), 0).astype(rgb.dtype)
+    if colour == 1:
+        rgb = np.repeat(rgb, 3, -1)
+    notes["mode"] = ("RGB" if colour == 3 else "L") + ("A" if has_alpha else "")
+    return rgb, alpha, bits, notes
+
+
+def _tiff_values(a: np.ndarray, page) -> tuple[np.ndarray, int]:
+    """Samples as uint8 (sources of 1 to 8 bits) or uint16 (wider ones, and floats taken as [0, 1])."""
+    if a.dtype.kind == "f":
+        a = np.nan_to_num(a.astype(np.float32), nan=0.0, posinf=1.0, neginf=0.0)
+        return np.rint(np.clip(a, 0.0, 1.0) * 65535).astype(np.uint16), 16
+    if a.dtype.kind == "b":
+        return a.astype(np.uint8) * np.uint8(255), 8
+    bits = int(page.bitspersample)
+    if a.dtype.kind == "i":  # signed: the non-negative half is the range
+        a, bits = np.clip(a, 0, None).astype(a.dtype.str.replace("i", "u")), bits - 1
+    out_bits = 8 if bits <= 8 else 16
+    dtype = np.uint8 if out_bits == 8 else np.uint16
+    if bits == out_bits:
+        return a.astype(dtype, copy=False), out_bits
+    if bits > 16:
+        return (a >> (bits - 16)).astype(np.uint16), 16
+    top, m = (1 << out_bits) - 1, (1 << bits) - 1
+    return ((a.astype(np.uint32) * top + m // 2) // m).astype(dtype), out_bits
 
 
 def _split_alpha(a: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -480,8 +614,8 @@ def resize_picture(picture: Picture, longest_side: int | None = None, *,
 def check_output_path(path, *, overwrite: bool = True) -> str:
     """Check up front that `path` can be written as an image; returns its format (e.g. "PNG").
 
-    The extension must be one of `SAVE_FORMATS`, the folder must exist, and with
-    ``overwrite=False`` the file must not exist yet.
+    The extension must be one of `SAVE_FORMATS`, the name must fit the file system's limit, the
+    folder must exist, and with ``overwrite=False`` the file must not exist yet.
     """
     path = Path(path)
     ext = path.suffix.lower()
@@ -490,6 +624,9 @@ def check_output_path(path, *, overwrite: bool = True) -> str:
         known = ", ".join(sorted(SAVE_FORMATS))
         raise ImageError(path, f"unknown output extension {ext or '(none)'!r}; use one of {known}")
     folder = path.parent
+    size, limit = len(os.fsencode(path.name)), name_max(folder)
+    if size > limit:
+        raise ImageError(path, f"the file name is {size} bytes long; the file system allows at most {limit}")
     if not folder.is_dir():
         raise ImageError(path, f"the folder {str(folder)!r} does not exist")
     if path.is_dir():
@@ -511,14 +648,17 @@ def save_image(picture: Picture, path, metadata: dict | None = None, *, overwrit
     text = _metadata_text(path, metadata)
     sixteen = picture.bit_depth == 16 and fmt in SIXTEEN_BIT_FORMATS
     with_alpha = picture.alpha is not None and fmt in ALPHA_FORMATS
-    if sixteen:
+    if fmt == "TIFF":
+        planes = _to_ints(picture, 16 if sixteen else 8, with_alpha)
+        planes = planes if sixteen else planes.astype(np.uint8)
+        write = lambda f: _write_tiff(f, planes, text)  # noqa: E731
+    elif sixteen:
         planes = _to_ints(picture, 16, with_alpha)
-        write = (lambda f: f.write(_encode_png16(planes, text))) if fmt == "PNG" else \
-                (lambda f: f.write(_encode_tiff16(planes, text)))
+        write = lambda f: f.write(_encode_png16(planes, text))  # noqa: E731
     else:
         im = _to_pil(picture, with_alpha)
         write = lambda f: _save_pil(im, f, fmt, text)  # noqa: E731
-    _atomic_write(path, write, overwrite)
+    atomic_write(path, write, overwrite=overwrite)
 
 
 def _metadata_text(path: Path, metadata: dict | None) -> dict[str, str]:
@@ -559,18 +699,31 @@ def _save_pil(im: Image.Image, f, fmt: str, text: dict[str, str]) -> None:
         im.save(f, "JPEG", quality=JPEG_QUALITY, subsampling=0, optimize=True, **kw)
     elif fmt == "WEBP":
         im.save(f, "WEBP", quality=WEBP_QUALITY, method=4, exact=True)
-    elif fmt == "TIFF":
-        kw = {"tiffinfo": {270: desc}} if desc else {}
-        im.save(f, "TIFF", compression="tiff_adobe_deflate", **kw)
     else:
         im.save(f, fmt)
 
 
-def _atomic_write(path: Path, write, overwrite: bool) -> None:
-    """Write through a hidden temporary file in the same folder; the target appears whole or not at all."""
+def _write_tiff(f, planes: np.ndarray, text: dict[str, str]) -> None:
+    """RGB or RGBA (unassociated alpha), 8 or 16 bits a sample as `planes` holds them, chunky,
+    Deflate with the horizontal predictor; metadata as the ImageDescription (TIFF ASCII is 7-bit:
+    other characters become "?")."""
+    desc = "\n".join(f"{k}={v}" for k, v in text.items()).encode("ascii", "replace").decode("ascii")
+    buf = io.BytesIO()  # tifffile takes a file object's name for a path; ours is a descriptor
+    tifffile.imwrite(buf, planes, photometric="rgb", planarconfig="contig",
+                     extrasamples=["unassalpha"] if planes.shape[-1] == 4 else None,
+                     compression="zlib", predictor=True, description=desc or None, metadata=None,
+                     software=False, resolution=None)
+    f.write(buf.getbuffer())
+
+
+def atomic_write(path, write, *, overwrite: bool = True) -> None:
+    """Call ``write(f)`` on a hidden temporary file beside `path` (see `temporary_name`), then fsync
+    it and rename it to `path`: the file appears whole or not at all. With ``overwrite=False`` an
+    existing `path` is an error. Failures are `ImageError`s naming `path`; the temporary is removed."""
+    path = Path(path)
     folder = path.parent
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        fd, tmp = _create_temporary(path)
     except OSError as e:
         raise ImageError(path, f"cannot write in {str(folder)!r} ({e.strerror or e})") from None
     try:
@@ -596,6 +749,57 @@ def _atomic_write(path: Path, write, overwrite: bool) -> None:
         raise ImageError(path, f"cannot write the image ({type(e).__name__}: {e})") from None
 
 
+def name_max(folder) -> int:
+    """The longest file name, in bytes, that the file system holding `folder` allows (255 if unknown)."""
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+_TEMP_RANDOM = 12  # hex digits of randomness in a temporary name
+
+
+def temporary_name(path) -> str:
+    """A hidden name for a temporary file beside `path`: ``.<name>.<hash>-<random>.tmp``, where the
+    name is shortened (at a character boundary) so that the whole fits the folder's NAME_MAX
+    whatever the length of `path`'s name, and the hash of the full name keeps two names that
+    differ only past the cut apart. Creating it with O_EXCL (as `atomic_write` does) makes it unique."""
+    return _temporary_prefix(Path(path)) + secrets.token_hex(_TEMP_RANDOM // 2) + ".tmp"
+
+
+def temporary_files(path) -> list[Path]:
+    """The temporary files beside `path` that writes to it left behind (a process killed while writing)."""
+    path = Path(path)
+    pattern = re.compile(re.escape(_temporary_prefix(path)) + f"[0-9a-f]{{{_TEMP_RANDOM}}}\\.tmp")
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return []
+    return sorted(path.parent / n for n in names if pattern.fullmatch(n))
+
+
+def _temporary_prefix(path: Path) -> str:
+    name = path.name
+    digest = hashlib.blake2s(os.fsencode(name), digest_size=4).hexdigest()
+    room = name_max(path.parent) - len(f"..{digest}-.tmp") - _TEMP_RANDOM
+    head = name
+    while head and len(os.fsencode(head)) > room:
+        head = head[:-1]
+    return f".{head}.{digest}-"
+
+
+def _create_temporary(path: Path) -> tuple[int, Path]:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+    for _ in range(100):
+        tmp = path.parent / temporary_name(path)
+        try:
+            return os.open(tmp, flags, 0o600), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(path.parent))
+
+
 def _link_exclusive(tmp: str, path: Path) -> None:
     """Move tmp to path unless path exists, without a window in which another file could be replaced."""
     try:
@@ -611,7 +815,7 @@ def _link_exclusive(tmp: str, path: Path) -> None:
 
 
 def _new_file_mode(path: Path) -> int:
-    """The mode of the file being replaced, or 0666 less the umask (mkstemp would leave 0600)."""
+    """The mode of the file being replaced, or 0666 less the umask (not the temporary's 0600)."""
     try:
         return stat.S_IMODE(os.stat(path).st_mode)
     except OSError:
@@ -641,7 +845,7 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-# ---- 16-bit encoders (Pillow writes 16-bit grey only) ---------------------------------------------
+# ---- 16-bit PNG encoder (Pillow writes 16-bit grey only) ------------------------------------------
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_ROWS_PER_BATCH = 256
@@ -701,62 +905,4 @@ def _encode_png16(planes: np.ndarray, text: dict[str, str]) -> bytes:
     pending += z.flush()
     out.write(_png_chunk(b"IDAT", bytes(pending)))
     out.write(_png_chunk(b"IEND", b""))
-    return out.getvalue()
-
-
-def _encode_tiff16(planes: np.ndarray, text: dict[str, str]) -> bytes:
-    """A little-endian baseline TIFF, 16 bits a sample, RGB or RGBA (unassociated alpha),
-    Deflate-compressed strips with the horizontal-differencing predictor."""
-    h, w, c = planes.shape
-    diff = planes.astype(np.uint16)
-    diff[:, 1:] = planes[:, 1:] - planes[:, :-1]  # uint16 arithmetic wraps, as the predictor wants
-    data = np.ascontiguousarray(diff, dtype="<u2")
-    rows_per_strip = max(1, (256 * 1024) // (w * c * 2))
-    strips = [zlib.compress(data[y:y + rows_per_strip].tobytes(), 6) for y in range(0, h, rows_per_strip)]
-    # TIFF ASCII is 7-bit: other characters become "?" (as Pillow writes them in 8-bit TIFFs)
-    desc = "\n".join(f"{k}={v}" for k, v in text.items()).encode("ascii", "replace") + b"\0" if text else b""
-
-    out = io.BytesIO()
-    out.write(b"II*\0" + b"\0\0\0\0")  # the IFD offset is filled in below
-    offsets = []
-    for s in strips:
-        offsets.append(out.tell())
-        out.write(s)
-        if out.tell() % 2:
-            out.write(b"\0")
-    extra: dict[int, int] = {}
-
-    def put(blob: bytes) -> int:
-        pos = out.tell()
-        out.write(blob + (b"\0" if len(blob) % 2 else b""))
-        return pos
-
-    # (tag, type, count, values-or-blob); types: 2 ASCII, 3 SHORT, 4 LONG
-    entries = [
-        (256, 4, 1, [w]), (257, 4, 1, [h]), (258, 3, c, [16] * c), (259, 3, 1, [8]), (262, 3, 1, [2]),
-    ]
-    if desc:
-        entries.append((270, 2, len(desc), desc))
-    entries += [
-        (273, 4, len(strips), offsets), (277, 3, 1, [c]), (278, 4, 1, [rows_per_strip]),
-        (279, 4, len(strips), [len(s) for s in strips]), (284, 3, 1, [1]), (317, 3, 1, [2]),
-    ]
-    if c == 4:
-        entries.append((338, 3, 1, [2]))  # unassociated alpha
-    packed = []
-    for tag, typ, count, vals in entries:
-        blob = vals if isinstance(vals, bytes) else struct.pack(f"<{count}{'H' if typ == 3 else 'I'}", *vals)
-        if len(blob) <= 4:
-            packed.append((tag, typ, count, blob.ljust(4, b"\0")))
-        else:
-            extra[tag] = put(blob)
-            packed.append((tag, typ, count, struct.pack("<I", extra[tag])))
-    ifd = out.tell()
-    out.write(struct.pack("<H", len(packed)))
-    for tag, typ, count, val in packed:
-        out.write(struct.pack("<HHI", tag, typ, count) + val)
-    out.write(b"\0\0\0\0")
-    buf = out.getbuffer()
-    buf[4:8] = struct.pack("<I", ifd)
-    del buf
     return out.getvalue()

@@ -191,6 +191,55 @@ def test_save_every_writes_intermediate_images(json_run):
         assert not np.array_equal(np.asarray(a), np.asarray(b))
 
 
+def small_png(src: Path, dest: Path) -> bytes:
+    with Image.open(src) as im:
+        im.convert("RGB").resize((40, 30)).save(dest)
+    return dest.read_bytes()
+
+
+def test_save_every_refuses_to_overwrite_an_input(env, content, style, tmp_path):
+    # the report: the content was named like an intermediate image, and step 2 overwrote it
+    photo = tmp_path / "result_step00002.png"
+    before = small_png(content, photo)
+    proc = nst(env, "stylize", photo, style, "-o", tmp_path / "result.png", "--save-every", "2", *TINY,
+               "--iterations", "5")
+    assert_usage_error(proc, str(photo), "input", "--save-every")
+    assert photo.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result_step00002.png"]
+
+    # a style reached through a symbolic link elsewhere is the same file
+    painting = tmp_path / "r_step00004.png"
+    painting_bytes = small_png(style, painting)
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "style.png").symlink_to(painting)
+    proc = nst(env, "stylize", photo, tmp_path / "links" / "style.png", "-o", tmp_path / "r.png",
+               "--save-every", "4", *TINY, "--iterations", "9")
+    assert_usage_error(proc, "r_step00004.png", "input")
+    assert painting.read_bytes() == painting_bytes and photo.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["links", "r_step00004.png", "result_step00002.png"]
+
+
+def test_save_every_names_too_long_for_the_file_system_are_refused_before_the_run(env, content, style, tmp_path):
+    out = tmp_path / ("n" * 246 + ".png")  # 250 bytes: fits; its _step00002 name (260 bytes) does not
+    proc = nst(env, "stylize", content, style, "-o", out, "--save-every", "2", *TINY)
+    assert_usage_error(proc, "260 bytes", "255", "--save-every")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_names_up_to_the_limit_are_written(env, content, style, tmp_path):
+    # names of 242-255 bytes were refused because the temporary name was 14 bytes longer
+    out = tmp_path / ("a" + "é" * 120 + ".png")
+    assert len(out.name.encode()) == 245
+    proc = nst(env, "stylize", content, style, "-o", out, "--save-every", "2", *TINY, "-q")
+    assert proc.returncode == 0, proc.stderr
+    step = out.with_name(out.stem + "_step00002.png")
+    assert len(step.name.encode()) == 255
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, step.name])
+    for path in (out, step):
+        with Image.open(path) as im:
+            assert im.size == (32, 24)
+
+
 # ---- alpha ---------------------------------------------------------------------------------------
 
 def test_alpha_survives_the_command(env, content, style, tmp_path):

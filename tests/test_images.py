@@ -10,7 +10,9 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import png  # pypng: a PNG decoder that is not ours, for our 16-bit PNGs
 import pytest
+import tifffile
 import torch
 from PIL import Image, ImageOps
 
@@ -24,6 +26,8 @@ from nst_core.images import (
     picture_to_pixels,
     resize_picture,
     save_image,
+    temporary_files,
+    temporary_name,
 )
 
 SHARED_IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "images"
@@ -465,3 +469,303 @@ def test_samples_are_there_small_and_loadable():
     for bad in ("nope", "../images.py", "ATTRIBUTION.md"):
         with pytest.raises(ImageError, match="no such sample"):
             sample_path(bad)
+
+
+# ---- TIFF: inputs written by tifffile, our outputs read by tifffile ------------------------------
+
+LAYOUTS = {"grey": (1, "minisblack"), "grey+alpha": (2, "minisblack"), "rgb": (3, "rgb"), "rgba": (4, "rgb")}
+
+
+def write_tiff(path, samples: np.ndarray, *, planar=False, compression=None, **kw) -> None:
+    """samples: H×W×C (C as in LAYOUTS), written by tifffile, chunky or planar (PlanarConfiguration=2)."""
+    c = samples.shape[-1]
+    photometric = LAYOUTS[{1: "grey", 2: "grey+alpha", 3: "rgb", 4: "rgb"}[c]][1]
+    data = samples[..., 0] if c == 1 else samples
+    if planar and c > 1:
+        data = np.ascontiguousarray(samples.transpose(2, 0, 1))
+    extras = {"extrasamples": ["unassalpha"]} if c in (2, 4) else {}
+    kw.setdefault("rowsperstrip", 4)  # several strips, so that every strip is decoded and placed
+    tifffile.imwrite(path, data, photometric=photometric, planarconfig="separate" if planar and c > 1 else "contig",
+                     compression=compression, metadata=None, **extras, **kw)
+
+
+def expected_planes(samples: np.ndarray):
+    """(rgb H×W×3, alpha H×W or None) that a layout's samples must load as."""
+    c = samples.shape[-1]
+    rgb = np.repeat(samples[..., :1], 3, -1) if c <= 2 else samples[..., :3]
+    return rgb, (samples[..., -1] if c in (2, 4) else None)
+
+
+def loaded_planes(pic: Picture):
+    top = pic.max_value
+    rgb = (pic.rgb * top).round().to(torch.int64).permute(1, 2, 0).numpy()
+    return rgb, (None if pic.alpha is None else pic.alpha.numpy())
+
+
+def test_16bit_planar_tiff_loads_with_the_right_values(tmp_path):
+    # the file of the report: 16-bit RGB, PlanarConfiguration=2 (Pillow reads it as 8-bit garbage)
+    a = noise(21, 17, 3, 16, seed=12)
+    write_tiff(tmp_path / "planar.tif", a, planar=True)
+    with tifffile.TiffFile(tmp_path / "planar.tif") as t:
+        assert t.pages[0].planarconfig == 2 and t.pages[0].bitspersample == 16
+    pic = load_image(tmp_path / "planar.tif")
+    assert pic.bit_depth == 16 and pic.alpha is None
+    assert np.array_equal(loaded_planes(pic)[0], a)
+
+
+@pytest.mark.parametrize("compression", [None, "zlib", "lzw", "packbits"])
+@pytest.mark.parametrize("layout,planar", [(name, planar) for name in LAYOUTS for planar in (False, True)
+                                           if not (planar and name == "grey")],  # one sample: no planar layout
+                         ids=lambda v: ("planar" if v else "chunky") if isinstance(v, bool) else v)
+@pytest.mark.parametrize("bits", [8, 16])
+def test_tiff_in(tmp_path, bits, layout, planar, compression):
+    c = LAYOUTS[layout][0]
+    a = noise(19, 13, c, bits, seed=bits * 10 + c)
+    kw = {"predictor": True} if compression in ("zlib", "lzw") else {}  # horizontal differencing, as writers do
+    write_tiff(tmp_path / "in.tif", a, planar=planar, compression=compression, **kw)
+    pic = load_image(tmp_path / "in.tif")
+    assert pic.bit_depth == bits and (pic.width, pic.height) == (13, 19)
+    want_rgb, want_alpha = expected_planes(a)
+    got_rgb, got_alpha = loaded_planes(pic)
+    assert np.array_equal(got_rgb, want_rgb)
+    assert (want_alpha is None) == (got_alpha is None)
+    if want_alpha is not None:
+        assert got_alpha.dtype == np.int32 and np.array_equal(got_alpha, want_alpha)
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_tiff_miniswhite_and_associated_alpha(tmp_path, bits):
+    top = 2**bits - 1
+    g = noise(6, 5, 1, bits, seed=2)[..., 0]
+    tifffile.imwrite(tmp_path / "w.tif", g, photometric="miniswhite", metadata=None)
+    assert np.array_equal(loaded_planes(load_image(tmp_path / "w.tif"))[0][..., 1], top - g)
+    bw = g > top // 2  # 1 bit a pixel, as fax and scanner files are
+    tifffile.imwrite(tmp_path / "bw.tif", bw, photometric="miniswhite", metadata=None)
+    with tifffile.TiffFile(tmp_path / "bw.tif") as t:
+        assert t.pages[0].bitspersample == 1
+    pic = load_image(tmp_path / "bw.tif")
+    assert pic.bit_depth == 8 and np.array_equal(loaded_planes(pic)[0][..., 0], np.where(bw, 0, 255))
+
+    # premultiplied (associated) alpha is divided out, as Pillow does for RGBa; alpha itself is kept
+    alpha = np.array([[0, top // 2, top]] * 2, np.uint64)
+    colour = np.array([[top, top, top], [top, top // 3, 0]], np.uint64)[:, None, :].repeat(3, 1)
+    dtype = np.uint8 if bits == 8 else np.uint16
+    pre = np.concatenate([(colour * alpha[..., None] + top // 2) // top, alpha[..., None]], -1).astype(dtype)
+    tifffile.imwrite(tmp_path / "a.tif", pre, photometric="rgb", extrasamples=["assocalpha"], metadata=None)
+    pic = load_image(tmp_path / "a.tif")
+    rgb, got_alpha = loaded_planes(pic)
+    assert np.array_equal(got_alpha, alpha)
+    visible = alpha > 0
+    assert np.abs(rgb[visible] - colour[visible].astype(np.int64)).max() <= (2 if bits == 8 else 3)
+
+
+def test_tiff_extra_sample_without_alpha_meaning_is_not_alpha(tmp_path):
+    # ExtraSamples = 0 ("unspecified data") is not transparency: Pillow reads it as RGBX, so do we
+    a = noise(4, 6, 4, 8, seed=4)
+    tifffile.imwrite(tmp_path / "x.tif", a, photometric="rgb", extrasamples=["unspecified"], metadata=None)
+    pic = load_image(tmp_path / "x.tif")
+    assert pic.alpha is None and np.array_equal(loaded_planes(pic)[0], a[..., :3])
+
+
+def test_tiff_float_and_wide_integer_samples(tmp_path):
+    f = np.array([[0.0, 0.25, 1.0, 2.0, -1.0, np.nan]], np.float32)
+    tifffile.imwrite(tmp_path / "f.tif", f, photometric="minisblack", metadata=None)
+    pic = load_image(tmp_path / "f.tif")
+    assert pic.bit_depth == 16 and pic.info["float_range"]
+    assert loaded_planes(pic)[0][0, :, 0].tolist() == [0, 16384, 65535, 65535, 0, 0]
+
+    rgb = np.random.default_rng(1).random((3, 4, 3)).astype(np.float32)
+    tifffile.imwrite(tmp_path / "frgb.tif", rgb, photometric="rgb", metadata=None)
+    got = loaded_planes(load_image(tmp_path / "frgb.tif"))[0]
+    assert np.array_equal(got, np.rint(rgb * 65535).astype(np.int64))
+
+    wide = np.array([[0, 65536, 2**32 - 1]], np.uint32)  # the full 32-bit range maps to the full 16-bit range
+    tifffile.imwrite(tmp_path / "u32.tif", wide, photometric="minisblack", metadata=None)
+    assert loaded_planes(load_image(tmp_path / "u32.tif"))[0][0, :, 0].tolist() == [0, 1, 65535]
+
+
+# EXIF/TIFF orientations as array operations on H×W×C (the TIFF 6.0 definitions)
+ORIENTED = {1: lambda a: a, 2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+            5: lambda a: a.transpose(1, 0, 2), 6: lambda a: np.rot90(a, -1),
+            7: lambda a: a.transpose(1, 0, 2)[::-1, ::-1], 8: lambda a: np.rot90(a, 1)}
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("bits", [8, 16])
+def test_tiff_orientation_is_applied(tmp_path, orientation, bits):
+    a = noise(5, 8, 4, bits, seed=orientation)
+    path = tmp_path / "o.tif"
+    write_tiff(path, a, extratags=[(274, "H", 1, orientation, True)])
+    want = ORIENTED[orientation](a)
+    if bits == 8:  # the table agrees with Pillow's exif_transpose of the same file
+        with Image.open(path) as im:
+            assert np.array_equal(np.asarray(ImageOps.exif_transpose(im)), want)
+    pic = load_image(path)
+    rgb, alpha = loaded_planes(pic)
+    assert (pic.height, pic.width) == ((8, 5) if orientation >= 5 else (5, 8))
+    assert np.array_equal(rgb, want[..., :3]) and np.array_equal(alpha, want[..., 3])
+    if orientation != 1:
+        assert pic.info["exif_orientation"] == orientation
+
+
+@pytest.mark.parametrize("kind", ["jpeg", "group4", "palette", "cmyk", "bilevel"])
+def test_other_tiff_kinds_load_as_pillow_decodes_them(tmp_path, kind):
+    a = noise(24, 16, 3, 8, seed=8)
+    im = Image.fromarray(a)
+    path = tmp_path / f"{kind}.tif"
+    if kind == "jpeg":
+        im.save(path, compression="jpeg", quality=90)
+    elif kind == "group4":
+        im.convert("1").save(path, compression="group4")
+    elif kind == "bilevel":
+        im.convert("1").save(path)
+    elif kind == "palette":
+        im.convert("P").save(path, compression="tiff_lzw")
+    else:
+        im.convert("CMYK").save(path)
+    with Image.open(path) as ref:
+        want = np.asarray(ref.convert("RGB")).astype(np.int64)
+    pic = load_image(path)
+    assert pic.bit_depth == 8 and pic.alpha is None
+    assert np.array_equal(loaded_planes(pic)[0], want)
+
+
+def test_truncated_or_damaged_tiff(tmp_path):
+    a = noise(64, 64, 3, 16)
+    for compression in (None, "zlib", "lzw"):
+        write_tiff(tmp_path / "full.tif", a, compression=compression, rowsperstrip=8)
+        data = (tmp_path / "full.tif").read_bytes()
+        (tmp_path / "cut.tif").write_bytes(data[: len(data) // 2])
+        assert_image_error(tmp_path / "cut.tif", "truncated")
+    (tmp_path / "head.tif").write_bytes(data[:12])
+    assert_image_error(tmp_path / "head.tif")
+
+
+def test_tiff_bomb_is_refused_before_decoding(tmp_path):
+    path = tmp_path / "bomb.tif"
+    tifffile.imwrite(path, np.zeros((4, 4, 3), np.uint8), photometric="rgb", compression="zlib", metadata=None)
+    with tifffile.TiffFile(path, mode="r+b") as t:  # claim 10 gigapixels in a file of a few hundred bytes
+        t.pages[0].tags["ImageWidth"].overwrite(100_000)
+        t.pages[0].tags["ImageLength"].overwrite(100_000)
+    assert path.stat().st_size < 1000
+    assert_image_error(path, "too large", "100000×100000", f"{MAX_PIXELS:,}")
+
+
+@pytest.mark.parametrize("channels", [3, 4])
+@pytest.mark.parametrize("bits", [8, 16])
+def test_our_tiff_is_read_back_by_tifffile_bit_exactly(tmp_path, bits, channels):
+    a = noise(37, 29, channels, bits, seed=bits + channels)
+    save_image(picture_from_pixels(pixels_of(a), 29, 37, channels, bits), tmp_path / "out.tiff",
+               metadata={"nst:weights": "random"})
+    with tifffile.TiffFile(tmp_path / "out.tiff") as t:
+        page = t.pages[0]
+        got = page.asarray()
+        assert page.photometric == tifffile.PHOTOMETRIC.RGB and page.bitspersample == bits
+        assert page.compression in (tifffile.COMPRESSION.ADOBE_DEFLATE, tifffile.COMPRESSION.DEFLATE)
+        assert tuple(page.extrasamples) == ((tifffile.EXTRASAMPLE.UNASSALPHA,) if channels == 4 else ())
+        assert "nst:weights=random" in page.description
+    assert got.dtype == (np.uint8 if bits == 8 else np.uint16)
+    assert np.array_equal(got, a)
+
+
+@pytest.mark.parametrize("channels", [3, 4])
+def test_our_16bit_png_is_read_back_by_pypng_bit_exactly(tmp_path, channels):
+    y, x = np.mgrid[0:50, 0:70]
+    a = np.stack([x * 900 + 7, y * 1300 + 3, (x * y * 31) % 65536, 65535 - x * 600][:channels], -1).astype(np.uint16)
+    a[::7, ::5] = noise(8, 14, channels, 16, seed=1)  # and some noise, so no filter fits everything
+    save_image(picture_from_pixels(pixels_of(a), 70, 50, channels, 16), tmp_path / "out.png",
+               metadata={"nst:weights": "random"})
+    width, height, rows, info = png.Reader(filename=str(tmp_path / "out.png")).read()
+    assert (width, height, info["bitdepth"], info["planes"], info["alpha"]) == (70, 50, 16, channels, channels == 4)
+    assert np.array_equal(np.vstack([np.asarray(r, np.uint16) for r in rows]).reshape(50, 70, channels), a)
+
+
+# ---- long names and temporary files -------------------------------------------------------------
+
+def name_of(n_bytes: int, char: str = "a", ext: str = ".png") -> str:
+    """A file name of exactly n_bytes bytes in UTF-8, made of `char` (1, 2 or 3 bytes) and ext."""
+    body = n_bytes - len(ext)
+    width = len(char.encode())
+    name = char * (body // width) + "x" * (body % width) + ext
+    assert len(name.encode()) == n_bytes
+    return name
+
+
+@pytest.mark.parametrize("char", ["a", "é", "日"])
+def test_output_names_up_to_name_max_are_written(tmp_path, char):
+    # names of 242-255 bytes used to be refused: the temporary name was 14 bytes longer
+    pic = small_picture()
+    for n in (200, 241, 242, 250, 254, 255):
+        out = tmp_path / name_of(n, char)
+        save_image(pic, out)
+        assert load_image(out).width == 11
+        assert sorted(p.name for p in tmp_path.iterdir()) == [out.name], n
+        out.unlink()
+    save_image(small_picture(bits=16), tmp_path / name_of(255, char, ".tiff"))
+    assert [len(p.name.encode()) for p in tmp_path.iterdir()] == [255]
+
+
+def test_a_name_longer_than_the_file_system_allows_is_refused_up_front(tmp_path):
+    out = tmp_path / name_of(256)
+    with pytest.raises(ImageError) as e:
+        check_output_path(out)
+    assert "256 bytes" in str(e.value) and "255" in str(e.value)
+    with pytest.raises(ImageError):
+        save_image(small_picture(), out)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("char", ["a", "é", "日"])
+def test_temporary_names_are_hidden_unique_and_fit(tmp_path, char):
+    for n in range(5, 256):
+        out = tmp_path / name_of(n, char)
+        names = {temporary_name(out) for _ in range(20)}
+        assert len(names) == 20
+        for t in names:
+            raw = t.encode()  # valid UTF-8: never cut inside a character
+            assert t.startswith(".") and t.endswith(".tmp") and "/" not in t
+            assert len(raw) <= 255, (n, len(raw))
+    # two long names that differ only past what fits have different temporary names
+    a, b = tmp_path / name_of(255, "a", ".png"), tmp_path / name_of(255, "a", ".jpg")
+    ta, tb = temporary_name(a), temporary_name(b)
+    assert ta[:-17] != tb[:-17]  # everything but the random part
+
+
+KILLED_WRITERS = """
+import os, signal, sys
+from pathlib import Path
+from nst_core.images import atomic_write
+
+def write(f):
+    f.write(b"half an image")
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)  # killed in the middle of writing
+
+for target in sys.argv[1:]:  # one writer process for each target, each killed while writing
+    pid = os.fork()
+    if pid == 0:
+        atomic_write(Path(target), write)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    print(os.WIFSIGNALED(status) and os.WTERMSIG(status))
+"""
+
+
+def test_temporary_files_finds_what_a_killed_write_left_and_nothing_else(tmp_path):
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    out, other = tmp_path / name_of(255, "é", ".png"), tmp_path / name_of(255, "é", ".jpg")
+    proc = subprocess.run([sys.executable, "-c", KILLED_WRITERS, str(out), str(other)], cwd=repo, timeout=120,
+                          capture_output=True, text=True)
+    assert proc.stdout.split() == [str(int(signal.SIGKILL))] * 2, proc.stderr
+    left = sorted(tmp_path.iterdir())
+    assert len(left) == 2 and all(p.name.startswith(".") and p.name.endswith(".tmp") for p in left)
+    assert not out.exists() and not other.exists()
+    mine = temporary_files(out)
+    (tmp_path / (mine[0].name[:-16] + "not-one-of-ours")).write_bytes(b"")
+    assert len(mine) == 1 and mine[0].read_bytes() == b"half an image" and temporary_files(out) == mine
+    assert temporary_files(other) != mine and len(temporary_files(other)) == 1
+    save_image(small_picture(), out)  # and a later write to the same name is not disturbed by them
+    assert out.is_file()
