@@ -95,6 +95,7 @@ class LBFGS:
             self._history = _HostHistory(2 * k, n, x)
         else:
             raise ValueError(f"history on {store} for x on {dev}: use x's device or cpu")
+        self.capturable = isinstance(self._history, _DeviceHistory)  # host history reads its slot back
         z = dict(device=dev, dtype=x.dtype)
         self._work = torch.zeros(3, n, **z)  # g, y, s of the step in hand
         self.d = torch.zeros(n, **z)  # the last direction

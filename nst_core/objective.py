@@ -69,6 +69,7 @@ def make_step(objective: Objective, x: torch.Tensor, optimizer) -> Callable[[], 
             terms, grad = objective.loss_and_grad(x)
             optimizer.update(grad)
             return terms
+        step.capturable = getattr(optimizer, "capturable", True)
         return step
 
     box = {}
@@ -83,4 +84,5 @@ def make_step(objective: Objective, x: torch.Tensor, optimizer) -> Callable[[], 
     def step() -> torch.Tensor:
         optimizer.step(closure)
         return box["terms"]
+    step.capturable = False  # torch.optim.LBFGS reads scalars back (float(loss), if ys > 1e-10, ...)
     return step
