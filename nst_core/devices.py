@@ -60,6 +60,22 @@ def autocast(device: torch.device, precision: str, cache_enabled: bool = True):
     return torch.autocast("cuda", dtype=getattr(torch, precision), cache_enabled=cache_enabled)
 
 
+@contextlib.contextmanager
+def exact_float32():
+    """Full float32 matrix products inside (no TF32), for the losses and the optimiser.
+
+    TF32 suits the network's convolutions; a Gram matrix close to its target, or the inner products
+    of L-BFGS's curvature pairs, would lose digits that the optimisation needs. The switch is
+    read when each product is launched (so a CUDA graph captured inside records float32 kernels)
+    and is process-wide while the block runs."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
 def describe(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"

@@ -35,6 +35,8 @@ import os
 
 import torch
 
+from .devices import exact_float32
+
 DEFAULT_HISTORY = 100  # the engine's history length (torch.optim.LBFGS's default)
 IMPLEMENTATIONS = ("device", "torch")
 IMPLEMENTATION_ENV = "NST_LBFGS"  # "torch" runs torch.optim.LBFGS instead (for comparison)
@@ -111,7 +113,10 @@ class LBFGS:
         self.started = torch.zeros((), dtype=torch.bool, device=dev)  # torch's state["n_iter"] > 0
         self.moved = torch.zeros((), dtype=torch.long, device=dev)  # steps that moved x (stalled: no change)
         self._positions = torch.arange(h, device=dev)
-        self._eye = torch.eye(h, **z)
+        # The triangular systems are solved at >= 64 unknowns (identity beyond h), where torch's CUDA
+        # solve is one cuBLAS trsm (smaller ones take its batched path).
+        self._system = torch.eye(max(h, 64), **z)
+        self._rhs = torch.zeros(max(h, 64), 1, **z)
 
     # ---- torch.optim's interface ----------------------------------------------------------------
 
@@ -132,7 +137,12 @@ class LBFGS:
 
     @torch.no_grad()
     def update(self, grad: torch.Tensor) -> None:
-        """One L-BFGS step from `grad`, the gradient at the current x; no host synchronisation."""
+        """One L-BFGS step from `grad`, the gradient at the current x; no host synchronisation.
+        Its products are full float32 (float64) whatever the TF32 setting."""
+        with exact_float32():
+            self._update(grad)
+
+    def _update(self, grad: torch.Tensor) -> None:
         h, k = self.history_size, self.slots
         work = self._work
         g, y, s = work[0], work[1], work[2]
@@ -161,16 +171,14 @@ class LBFGS:
         # The two-loop recursion over the history, oldest pair first, as two triangular solves.
         order = (self.head + 1 + self._positions) % k  # slot of each position, oldest first
         valid = self._positions >= h - self.count
-        rho = torch.where(valid, self.rho[order], 0.0)
-        sy = self.sy[order][:, order]  # sy[a, b] = s_a·y_b by position
-        yy = self.yy[order][:, order]
-        minus_sg = -s_dots[order, 0]
-        yg = y_dots[order, 0]
-        upper = self._eye + rho[:, None] * sy.triu(1)
-        alpha = torch.linalg.solve_triangular(upper, (rho * minus_sg)[:, None], upper=True)[:, 0]
+        rho = torch.where(valid, self.rho.index_select(0, order), 0.0)
+        sy = self.sy.index_select(0, order).index_select(1, order)  # sy[a, b] = s_a·y_b by position
+        yy = self.yy.index_select(0, order).index_select(1, order)
+        minus_sg = -s_dots[:, 0].index_select(0, order)
+        yg = y_dots[:, 0].index_select(0, order)
+        alpha = self._solve(rho[:, None] * sy.triu(1), rho * minus_sg, upper=True)
         b = self.h_diag * (-yg - yy @ alpha)  # y_i·r before the second loop
-        lower = self._eye + rho[:, None] * sy.t().tril(-1)
-        c = torch.linalg.solve_triangular(lower, (alpha - rho * b)[:, None], upper=False)[:, 0]
+        c = self._solve(rho[:, None] * sy.t().tril(-1), alpha - rho * b, upper=False)
         weights = torch.zeros(2 * k, device=g.device, dtype=g.dtype)
         weights.index_copy_(0, order, c)
         weights.index_copy_(0, order + k, -self.h_diag * alpha)
@@ -191,6 +199,13 @@ class LBFGS:
         torch.where(live, t, self.t, out=self.t)
         torch.where(live, g, self.prev_g, out=self.prev_g)
         self.started |= live
+
+    def _solve(self, strict: torch.Tensor, rhs: torch.Tensor, upper: bool) -> torch.Tensor:
+        """x with (I + strict) x = rhs, strict strictly upper (or lower) triangular, h×h."""
+        h = self.history_size
+        self._system[:h, :h] = strict
+        self._rhs[:h, 0] = rhs
+        return torch.linalg.solve_triangular(self._system, self._rhs, upper=upper, unitriangular=True)[:h, 0]
 
     # ---- inspection (these synchronise) ---------------------------------------------------------
 

@@ -6,11 +6,18 @@ import math
 
 import torch
 
+from .devices import exact_float32
+
 
 def gram(features: torch.Tensor) -> torch.Tensor:
     """G_ij = Σ_k F_ik F_jk over the M = H·W positions (float32 whatever the features' dtype)."""
     n = features.shape[-3]
     f = features.float()
+    with exact_float32():
+        return _gram(f, n)
+
+
+def _gram(f: torch.Tensor, n: int) -> torch.Tensor:
     if f.dim() == 4 and f.shape[0] == 1 and not f.is_contiguous() and f.is_contiguous(memory_format=torch.channels_last):
         # channels-last (CUDA): the M×N view needs no copy, where the N×M one would.
         return _Gram.apply(f.permute(0, 2, 3, 1).reshape(-1, n), True)
@@ -120,6 +127,11 @@ class _StyleLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, roots, count, *tensors):
+        with exact_float32():
+            return _StyleLoss._forward(ctx, roots, count, *tensors)
+
+    @staticmethod
+    def _forward(ctx, roots, count, *tensors):
         feats, targets = tensors[:count], tensors[count:]
         ds, squares = [], []
         for f, a, r in zip(feats, targets, roots):
@@ -135,6 +147,11 @@ class _StyleLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        with exact_float32():
+            return _StyleLoss._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad):
         feats, ds = ctx.saved_tensors[:ctx.count], ctx.saved_tensors[ctx.count:]
         grads = []
         for f, d, r in zip(feats, ds, ctx.roots):

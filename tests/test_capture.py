@@ -274,3 +274,34 @@ def test_readback_on_cuda_arrives_late_but_in_order_and_right():
     got += feed.drain()
     assert [n for n, _ in got] == list(range(10))
     assert [v[0] for _, v in got] == [float(i) for i in range(10)]
+
+
+@pytest.mark.gpu
+def test_losses_and_optimiser_stay_float32_when_tf32_is_on():
+    """TF32 is for the network; the Gram matrices, the losses and L-BFGS's products stay float32."""
+    dev = cuda()
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        g = torch.Generator().manual_seed(3)
+        f = torch.relu(torch.randn(1, 64, 128, 128, generator=g)).to(dev)
+        a = losses.gram(torch.relu(torch.randn(1, 64, 128, 128, generator=g)).to(dev)) / 128**2
+        got = losses.style_loss([f], [a], [1.0]).item()
+        want = losses.style_loss([f.double()], [a.double()], [1.0]).item()
+        assert got == pytest.approx(want, rel=1e-5)  # TF32 would be ~1e-3 off
+        assert torch.backends.cuda.matmul.allow_tf32  # put back
+
+        d = torch.rand(100_000, generator=g).to(dev) + 0.01
+        b = torch.randn(100_000, generator=g).to(dev)
+
+        def path(tf32):
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            x = torch.zeros(100_000, device=dev, requires_grad=True)
+            opt = lbfgs.LBFGS(x, history_size=10)
+            for _ in range(15):
+                opt.update(d * x.detach() - b)  # gradient of 0.5 Σ d x² − b·x, no matrix product
+            return x.detach().clone()
+
+        assert torch.equal(path(True), path(False))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old

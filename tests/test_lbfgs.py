@@ -47,14 +47,19 @@ def relative_difference(a, b) -> float:
     return largest_difference(a, b) / max(q.abs().max().item() for q in b)
 
 
-def quadratic(n=300, dtype=torch.float64, seed=0):
-    """0.5 xᵀAx − bᵀx with eigenvalues over three decades (the history matters) and a start."""
+def quadratic_parts(n=300, seed=0):
+    """A (eigenvalues over three decades: the history matters), b and a start x0, in float64."""
     g = torch.Generator().manual_seed(seed)
     q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
     a = (q * 10 ** (-3 * torch.rand(n, generator=g, dtype=torch.float64))) @ q.t()
     b = torch.randn(n, generator=g, dtype=torch.float64)
     x0 = torch.randn(n, generator=g, dtype=torch.float64)
-    a, b, x0 = a.to(dtype), b.to(dtype), x0.to(dtype)
+    return a, b, x0
+
+
+def quadratic(n=300, dtype=torch.float64, seed=0):
+    """0.5 xᵀAx − bᵀx and a start."""
+    a, b, x0 = (t.to(dtype) for t in quadratic_parts(n, seed))
     return (lambda x: 0.5 * x @ (a @ x) - b @ x), x0
 
 
@@ -237,3 +242,16 @@ def test_float32_iterates_on_the_papers_objective_are_as_close_to_exact_as_torch
           f"ours vs torch {largest_difference(ours, theirs):.3g}")
     assert ours_off < 1.5 * torch_off
     assert our_totals[-1] == pytest.approx(their_totals[-1], rel=0.05)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("history", [100, 5])
+def test_same_iterates_as_torch_on_cuda_in_float64(history):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    a, b, x0 = (t.cuda() for t in quadratic_parts())
+    fc = lambda x: 0.5 * x @ (a @ x) - b @ x  # noqa: E731
+    ours, our_len = run("device", fc, x0, 60, history)
+    theirs, their_len = run("torch", fc, x0, 60, history)
+    assert our_len == their_len and ours[0].is_cuda
+    assert relative_difference(ours, theirs) < 1e-9
