@@ -130,6 +130,28 @@ def test_gradient_tolerance_makes_a_step_a_no_op_as_in_torch():
     assert largest_difference(ours, theirs) < 1e-12
 
 
+@pytest.mark.parametrize("x0, lr", [(torch.linspace(-0.05, 0.05, 10, dtype=torch.float64), 1.0),
+                                     (torch.full((10,), 0.5, dtype=torch.float64), 5.0)])
+def test_a_no_op_step_after_real_ones_keeps_the_last_state_as_in_torch(x0, lr):
+    """Step 1 lands on the minimum exactly (t = min(1, 1/|g|_1)·lr = 1, x - g = 0), step 2 sees
+    g = 0 and changes nothing: the pair after the kick (taken: y·s > 0) must be made of step 1's
+    gradient, direction and step length (1, not lr), as torch's is."""
+    def f(x):
+        return 0.5 * (x * x).sum()
+
+    def kick(i, x):
+        if i == 2:
+            with torch.no_grad():
+                x.copy_(torch.linspace(0.4, -0.3, 10, dtype=torch.float64))
+
+    ours, our_len = run("device", f, x0, 8, lr=lr, between=kick)
+    theirs, their_len = run("torch", f, x0, 8, lr=lr, between=kick)
+    assert torch.equal(theirs[0], torch.zeros(10, dtype=torch.float64)) and torch.equal(theirs[1], theirs[0])
+    assert their_len[:3] == [0, 0, 1]  # the pair after the kick was taken
+    assert our_len == their_len
+    assert largest_difference(ours, theirs) < 1e-12
+
+
 def test_change_tolerance_keeps_x_but_not_the_state_as_in_torch():
     """g·d > -1e-9 with max|g| > 1e-7: torch stays put but stores d, t and g, which then enter
     the next pair (y·s) once the gradient is large again."""
@@ -163,11 +185,14 @@ def test_first_step_is_minus_g_scaled_by_min_one_over_l1():
 
 
 def test_history_on_the_host_gives_the_same_steps():
+    """The host history streams its rows through the device in chunks; on a CPU-only machine x is
+    on the host already, so the streamed store is put in by hand to test its arithmetic."""
     f, x0 = quadratic(n=64)
     on_device, _ = run("device", f, x0, 30, history=6)
     x = x0.clone().requires_grad_(True)
-    opt = lbfgs.LBFGS(x, history_size=6, history_device="cpu")
-    opt._history.chunk = 5  # several chunks per pass (14 rows)
+    opt = lbfgs.LBFGS(x, history_size=6)
+    opt._history = lbfgs._HostHistory(2 * opt.slots, x.numel(), x)
+    opt._history.chunk = 5  # three chunks per pass over the 14 rows
     xs = []
     for _ in range(30):
         x.grad = None
@@ -175,6 +200,7 @@ def test_history_on_the_host_gives_the_same_steps():
         opt.update(x.grad)
         xs.append(x.detach().clone())
     assert largest_difference(xs, on_device) < 1e-12
+    assert opt.history_len() == 6
 
 
 def test_make_chooses_by_argument_and_environment(monkeypatch):
