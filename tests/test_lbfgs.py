@@ -149,7 +149,7 @@ def test_a_no_op_step_after_real_ones_keeps_the_last_state_as_in_torch(x0, lr):
     assert torch.equal(theirs[0], torch.zeros(10, dtype=torch.float64)) and torch.equal(theirs[1], theirs[0])
     assert their_len[:3] == [0, 0, 1]  # the pair after the kick was taken
     assert our_len == their_len
-    assert largest_difference(ours, theirs) < 1e-12
+    assert relative_difference(ours, theirs) < 1e-12
 
 
 def test_change_tolerance_keeps_x_but_not_the_state_as_in_torch():
@@ -170,7 +170,7 @@ def test_change_tolerance_keeps_x_but_not_the_state_as_in_torch():
     assert all(torch.equal(t, x0) for t in theirs[:3]) and all(torch.equal(t, x0) for t in ours[:3])
     assert not torch.equal(theirs[3], torch.linspace(-0.3, 0.4, 10, dtype=torch.float64))
     assert our_len == their_len
-    assert largest_difference(ours, theirs) < 1e-12
+    assert relative_difference(ours, theirs) < 1e-12
 
 
 def test_first_step_is_minus_g_scaled_by_min_one_over_l1():
@@ -199,7 +199,7 @@ def test_history_on_the_host_gives_the_same_steps():
         f(x).backward()
         opt.update(x.grad)
         xs.append(x.detach().clone())
-    assert largest_difference(xs, on_device) < 1e-12
+    assert relative_difference(xs, on_device) < 1e-12
     assert opt.history_len() == 6
 
 
