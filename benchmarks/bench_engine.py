@@ -291,6 +291,7 @@ def measure_size(content: Picture, style: Picture, size: int, args, device: torc
     wall = time.perf_counter() - t0
 
     lbfgs = lbfgs_bookkeeping(3 * h * w, device, window=(warmup + 1, warmup + steps))
+    ours = lbfgs_bookkeeping(3 * h * w, device, window=(warmup + 1, warmup + steps), kind="device")
     loop_s, bare_s, head_s = _median(rec["loop"]), _median(rec["bare"]), _median(rec["head"])
     rest = loop_s - bare_s - head_s - lbfgs["at_window"]
     ratio = _median(rec["ratio"])
@@ -307,6 +308,7 @@ def measure_size(content: Picture, style: Picture, size: int, args, device: torc
         "loss_terms_by_style_layer_s": {n: _median(v) for n, v in rec["layer"].items()},
         "lbfgs_s_at_measured_history": lbfgs["at_window"], "lbfgs_s_at_full_history": lbfgs["full"],
         "lbfgs_history_len_measured": lbfgs["history_at_window"],
+        "lbfgs_device_s_at_full_history": ours["full"],
         "rest_s_per_it": rest, "projected_ratio_full_history": projected,
         "memory_before_bytes": base, "loop_peak_bytes": peak, "loop_peak_delta_bytes": peak - base,
         "loop_peak_reserved_bytes": reserved, "bare_peak_delta_bytes": max(rec["bare_delta"]),
@@ -315,7 +317,7 @@ def measure_size(content: Picture, style: Picture, size: int, args, device: torc
 
 
 def lbfgs_bookkeeping(numel: int, device: torch.device, window: tuple[int, int],
-                      full_steps: int = 12) -> dict:
+                      full_steps: int = 12, kind: str = "torch") -> dict:
     """Seconds per torch.optim.LBFGS step (max_iter=1, history 100, as the engine) minus its closure.
 
     The closure is the gradient of a badly conditioned quadratic, so the curvature condition holds
@@ -325,7 +327,9 @@ def lbfgs_bookkeeping(numel: int, device: torch.device, window: tuple[int, int],
     gen = torch.Generator().manual_seed(2)
     d = (10 ** (-4 * torch.rand(numel, generator=gen))).to(device)
     x = torch.rand(numel, generator=gen).to(device).requires_grad_(True)
-    opt = torch.optim.LBFGS([x], lr=0.05, max_iter=1, history_size=LBFGS_HISTORY)
+    from nst_core import lbfgs
+
+    opt = lbfgs.make(x, lr=0.05, history_size=LBFGS_HISTORY, kind=kind)
     inside = [0.0]
 
     def closure():
@@ -342,7 +346,7 @@ def lbfgs_bookkeeping(numel: int, device: torch.device, window: tuple[int, int],
         t0 = _now(device)
         opt.step(closure)
         times.append(_now(device) - t0 - inside[0])
-        hist.append(len(opt.state[x].get("old_dirs", [])))
+        hist.append(len(opt.state[x].get("old_dirs", [])) if kind == "torch" else opt.history_len())
     lo, hi = window
     return {"at_window": _median(times[lo - 1:hi]), "history_at_window": hist[hi - 1],
             "full": _median(times[LBFGS_HISTORY + 1:]), "history_full": hist[-1]}
@@ -871,6 +875,9 @@ def print_report(report: dict) -> None:
                   f"{rows[0]['lbfgs_history_len_measured']}; L-BFGS@100 with a full history (a 500-step run's "
                   f"usual state); ratio@100 = ratio + (L-BFGS@100 - L-BFGS@k) / bare")
             print("  rest = loop - bare - loss terms - L-BFGS@k: the engine's own per-step cost plus noise")
+            print("  nst_core.lbfgs (device-resident, not yet used by the engine) at full history (ms): "
+                  + ", ".join(f"{r['size']}: {_ms(r.get('lbfgs_device_s_at_full_history'))} against torch's "
+                              f"{_ms(r['lbfgs_s_at_full_history'])}" for r in rows))
             print(f"  memory: {rows[0]['memory_measure']}")
             for r in rows:
                 if dev["machine"]["device"].startswith("cpu") and r["size"] == 256:
