@@ -48,7 +48,7 @@ part() {
   shift 3
   wanted "$name" || return 0
   left=$((BUDGET - SECONDS - 5))
-  if [ "$left" -lt 15 ]; then
+  if [ "$left" -lt 10 ]; then
     SUMMARY+=("$name: SKIPPED (the ${BUDGET} s budget is spent)")
     return 0
   fi

@@ -82,6 +82,7 @@ class CapturedStep:
 
     def _capture(self):
         torch.cuda.synchronize(self.device)  # once: nothing of the warm-up may still run
+        torch.cuda.empty_cache()  # the warm-up's cached blocks, so the graph's pool does not double them
         graph = torch.cuda.CUDAGraph()
         try:
             # thread_local: other threads' CUDA calls (the service's) stay legal during the capture
