@@ -291,6 +291,7 @@ def measure_size(content: Picture, style: Picture, size: int, args, device: torc
     wall = time.perf_counter() - t0
 
     lbfgs = lbfgs_bookkeeping(3 * h * w, device, window=(warmup + 1, warmup + steps))
+    ours = lbfgs_bookkeeping(3 * h * w, device, window=(warmup + 1, warmup + steps), kind="device")
     loop_s, bare_s, head_s = _median(rec["loop"]), _median(rec["bare"]), _median(rec["head"])
     rest = loop_s - bare_s - head_s - lbfgs["at_window"]
     ratio = _median(rec["ratio"])
@@ -307,6 +308,7 @@ def measure_size(content: Picture, style: Picture, size: int, args, device: torc
         "loss_terms_by_style_layer_s": {n: _median(v) for n, v in rec["layer"].items()},
         "lbfgs_s_at_measured_history": lbfgs["at_window"], "lbfgs_s_at_full_history": lbfgs["full"],
         "lbfgs_history_len_measured": lbfgs["history_at_window"],
+        "lbfgs_device_s_at_full_history": ours["full"],
         "rest_s_per_it": rest, "projected_ratio_full_history": projected,
         "memory_before_bytes": base, "loop_peak_bytes": peak, "loop_peak_delta_bytes": peak - base,
         "loop_peak_reserved_bytes": reserved, "bare_peak_delta_bytes": max(rec["bare_delta"]),
@@ -315,7 +317,7 @@ def measure_size(content: Picture, style: Picture, size: int, args, device: torc
 
 
 def lbfgs_bookkeeping(numel: int, device: torch.device, window: tuple[int, int],
-                      full_steps: int = 12) -> dict:
+                      full_steps: int = 12, kind: str = "torch") -> dict:
     """Seconds per torch.optim.LBFGS step (max_iter=1, history 100, as the engine) minus its closure.
 
     The closure is the gradient of a badly conditioned quadratic, so the curvature condition holds
@@ -325,7 +327,9 @@ def lbfgs_bookkeeping(numel: int, device: torch.device, window: tuple[int, int],
     gen = torch.Generator().manual_seed(2)
     d = (10 ** (-4 * torch.rand(numel, generator=gen))).to(device)
     x = torch.rand(numel, generator=gen).to(device).requires_grad_(True)
-    opt = torch.optim.LBFGS([x], lr=0.05, max_iter=1, history_size=LBFGS_HISTORY)
+    from nst_core import lbfgs
+
+    opt = lbfgs.make(x, lr=0.05, history_size=LBFGS_HISTORY, kind=kind)
     inside = [0.0]
 
     def closure():
@@ -342,7 +346,7 @@ def lbfgs_bookkeeping(numel: int, device: torch.device, window: tuple[int, int],
         t0 = _now(device)
         opt.step(closure)
         times.append(_now(device) - t0 - inside[0])
-        hist.append(len(opt.state[x].get("old_dirs", [])))
+        hist.append(len(opt.state[x].get("old_dirs", [])) if kind == "torch" else opt.history_len())
     lo, hi = window
     return {"at_window": _median(times[lo - 1:hi]), "history_at_window": hist[hi - 1],
             "full": _median(times[LBFGS_HISTORY + 1:]), "history_full": hist[-1]}
@@ -392,6 +396,317 @@ def cuda_targets(content: Picture, style: Picture, args, device: torch.device) -
     except Exception as e:  # OutOfMemory on a small card is a result, not a crash
         out["2048_memory"] = {"error": f"{type(e).__name__}: {e}"}
     return out
+
+
+# ---- 5: the GPU inner loop (issue 11), driven directly -------------------------------------------
+#
+# The engine does not call the new pieces yet, so these figures drive them directly on the paper's
+# objective (relu4_2 content, relu1_1 ... relu5_1 style, average pooling, the chosen weights, the
+# centre square of the content and the style at the same size): nst_core.objective.Objective +
+# nst_core.lbfgs.LBFGS (history 100 on the device) + nst_core.capture.CapturedStep +
+# nst_core.readback.Readback ("new"), against torch.optim.LBFGS called eagerly per step as the
+# engine does today ("torch"). The engine's own stylize() figures are in section 3 ("targets").
+
+LOOP_TARGET_S = 1.0  # issue 11: 512x512, 500 L-BFGS steps in about a second on an H100/H200
+PRECISIONS = {"fp32": (False, "float32"), "tf32": (True, "float32"), "bf16": (True, "bfloat16")}
+
+
+class _Paper:
+    """The paper's objective at side x side on a warm network, as the engine would build it."""
+
+    def __init__(self, net, content: Picture, style: Picture, side: int, device: torch.device, precision: str):
+        from nst_core.engine import resize
+        from nst_core.objective import Objective
+
+        p = StyleParams()
+        self.device, self.precision, self.net = device, precision, net
+        self.fmt = devices.memory_format(device)
+        self.layers = p.used_layers
+        c = resize(_square(content).rgb, side, side).to(device)
+        sh, sw = fit(style.height, style.width, side)
+        s = resize(style.rgb, sh, sw).to(device)
+        with torch.no_grad():
+            ct = {n: f.float() for n, f in self.features(c, p.content_layers).items()}
+            st = {n: losses.gram(f) / (f.shape[-1] * f.shape[-2]) for n, f in self.features(s, p.style_layers).items()}
+        gen = torch.Generator().manual_seed(0)
+        self.x = torch.rand(3, side, side, generator=gen).to(device).requires_grad_(True)
+        self.objective = Objective(self.features, ct, p.content_layers, st, p.style_layers,
+                                   p.content_weight, p.style_weight)
+        self.lr = p.step_size
+
+    def features(self, image, layers=None):
+        with devices.autocast(self.device, self.precision, cache_enabled=False):
+            return self.net(image.unsqueeze(0).contiguous(memory_format=self.fmt), layers or self.layers)
+
+    def stepper(self, kind: str, graphs: bool = True, history: int = LBFGS_HISTORY, history_device=None):
+        from nst_core import lbfgs
+        from nst_core.capture import CapturedStep
+        from nst_core.objective import make_step
+
+        opt = lbfgs.make(self.x, lr=self.lr, history_size=history, kind=kind, history_device=history_device)
+        return CapturedStep(make_step(self.objective, self.x, opt), self.device, enabled=graphs)
+
+
+def _set_precision(device: torch.device, name: str) -> str:
+    tf32, precision = PRECISIONS[name]
+    devices.configure(device, tf32=tf32)
+    return precision
+
+
+def run_paper_loop(net, content, style, side, steps, device, precision, kind="device", graphs=True,
+                   history=LBFGS_HISTORY, steady_from=None, history_device=None) -> dict:
+    """From the pixels to the result on the host: targets, steps (losses read back as they come)."""
+    from nst_core.readback import Readback
+
+    t0 = _now(device)
+    paper = _Paper(net, content, style, side, device, precision)
+    step = paper.stepper(kind, graphs, history, history_device)
+    feed = Readback(4, device)
+    steady_from = steady_from or min(steps, max(2, steps // 5))
+    arrived, t_steady = [], None
+    for i in range(steps):
+        arrived += feed.push(i + 1, step())
+        if i + 1 == steady_from:
+            t_steady = _now(device)
+    arrived += feed.drain()
+    result = paper.x.detach().clamp(0, 1).cpu()
+    t1 = time.perf_counter()
+    return {"total_s": t1 - t0, "steady_ms_per_step": (t1 - t_steady) / max(1, steps - steady_from) * 1e3,
+            "steps": steps, "first_loss": arrived[0][1][0], "final_loss": arrived[-1][1][0],
+            "reports": len(arrived), "mode": step.mode, "why_eager": step.reason, "result_shape": list(result.shape)}
+
+
+def bare_step_ms(net, side, device, precision, graphs: bool, steps: int) -> float:
+    """ms of a bare VGG-19 forward (to relu5_1) + backward to the input, same shape and precision."""
+    from nst_core.capture import CapturedStep
+
+    p = StyleParams()
+    fmt = devices.memory_format(device)
+    xb = torch.rand(1, 3, side, side, device=device).contiguous(memory_format=fmt).requires_grad_(True)
+
+    def fn():
+        with devices.autocast(device, precision, cache_enabled=False):
+            feats = net(xb, p.used_layers)
+        total = sum(f.float().sum() for f in feats.values())
+        return torch.autograd.grad(total, xb)[0]
+
+    step = CapturedStep(fn, device, enabled=graphs)
+    for _ in range(4):
+        step()
+    t0 = _now(device)
+    for _ in range(steps):
+        step()
+    return (_now(device) - t0) / steps * 1e3
+
+
+def syncs_per_step(fn, steps: int) -> float | None:
+    """Host synchronisations per call of fn, counted by torch.cuda's sync debug mode ("warn")."""
+    import warnings
+
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(steps):
+                fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message).lower() for w in caught) / steps
+
+
+def _free(device):
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def gpu_loop(content: Picture, style: Picture, args, device: torch.device) -> dict:
+    side, steps = args.loop_size, args.loop_steps
+    p = _params(side, steps, args)
+    net = _warm_session(p, device).network(p, device)
+    out = {"size": side, "steps": steps, "runs": [], "ratio": [], "syncs": {}}
+    for name in args.loop_precisions:
+        precision = _set_precision(device, name)
+        for kind, graphs in (("device", True), ("torch", False)):
+            label = "new (device L-BFGS, captured)" if kind == "device" else "torch.optim.LBFGS, eager"
+            try:
+                run_paper_loop(net, content, style, side, min(steps, 6), device, precision, kind, graphs)  # autotune
+                r = run_paper_loop(net, content, style, side, steps, device, precision, kind, graphs)
+            except Exception as e:  # one failing configuration must not hide the others
+                r = {"error": f"{type(e).__name__}: {e}"}
+            r.update(precision=name, implementation=label)
+            out["runs"].append(r)
+            _log(args, f"loop {name} {label}: {r.get('total_s', float('nan')):.3f} s")
+            _free(device)
+        # per step against a bare forward+backward, both captured (and both eager)
+        bare_n = max(5, min(50, steps // 10))
+        row = {"precision": name}
+        for graphs in (True, False):
+            try:
+                bare = bare_step_ms(net, side, device, precision, graphs, bare_n)
+            except Exception as e:
+                bare = None
+                row["error"] = f"{type(e).__name__}: {e}"
+            row["bare_captured_ms" if graphs else "bare_eager_ms"] = bare
+        new = next((r for r in out["runs"] if r["precision"] == name and r["implementation"].startswith("new")), {})
+        old = next((r for r in out["runs"] if r["precision"] == name and r["implementation"].startswith("torch")), {})
+        row["new_ms"], row["torch_ms"] = new.get("steady_ms_per_step"), old.get("steady_ms_per_step")
+        if row["new_ms"] and row.get("bare_captured_ms"):
+            row["new_over_bare_captured"] = row["new_ms"] / row["bare_captured_ms"]
+        if row["torch_ms"] and row.get("bare_eager_ms"):
+            row["torch_over_bare_eager"] = row["torch_ms"] / row["bare_eager_ms"]
+        out["ratio"].append(row)
+        _free(device)
+    # host synchronisations per steady step (the first precision), with the readback as the engine would
+    if device.type == "cuda":
+        from nst_core.readback import Readback
+
+        precision = _set_precision(device, args.loop_precisions[0])
+        for kind, graphs, label in (("device", True, "new, captured"), ("device", False, "new, eager"),
+                                    ("torch", False, "torch.optim.LBFGS, eager")):
+            paper = _Paper(net, content, style, min(side, 256), device, precision)
+            step = paper.stepper(kind, graphs)
+            feed = Readback(4, device)
+            for i in range(LBFGS_HISTORY + 5):  # a full history: torch's per-step reads grow with it
+                feed.push(i, step())
+            torch.cuda.synchronize()
+            out["syncs"][label] = syncs_per_step(lambda: feed.push(0, step()), 20)
+            feed.drain()
+            del paper, step
+            _free(device)
+    return out
+
+
+def gpu_memory(content: Picture, style: Picture, args, device: torch.device) -> dict:
+    """Peak memory of the new loop at --loop-big (history preallocated: a few steps reach the peak),
+    and the largest square one step of it fits untiled (bounded binary search)."""
+    side = args.loop_big
+    p = _params(side, 5, args)
+    net = _warm_session(p, device).network(p, device)
+    out = {"big": side, "peak": [], "largest": []}
+    mem = PeakMemory(device)
+    for name in args.loop_precisions[1:] or args.loop_precisions:
+        precision = _set_precision(device, name)
+        _free(device)
+        base = mem.reset()
+        try:
+            r = run_paper_loop(net, content, style, side, 5, device, precision, "device", True)
+            peak, reserved = mem.peak()
+            out["peak"].append({"precision": name, "history": LBFGS_HISTORY, "peak_allocated_bytes": peak - base,
+                                "peak_reserved_bytes": reserved, "mode": r["mode"]})
+        except Exception as e:
+            out["peak"].append({"precision": name, "error": f"{type(e).__name__}: {e}"})
+        _free(device)
+    if device.type != "cuda" or args.fit_seconds <= 0:
+        return out
+    torch.backends.cudnn.benchmark = False  # autotuning every probed shape would eat the time box
+    try:
+        default = "tf32" if "tf32" in args.loop_precisions else args.loop_precisions[0]
+        for name, history in ((default, LBFGS_HISTORY), (args.loop_precisions[-1], 10)):
+            precision = _set_precision(device, name)
+            torch.backends.cudnn.benchmark = False
+            out["largest"].append(dict(precision=name, history=history,
+                                       **largest_square(net, content, style, device, precision, history, args)))
+            _log(args, f"largest square {name} history {history}: {out['largest'][-1]}")
+    finally:
+        torch.backends.cudnn.benchmark = True
+    return out
+
+
+def largest_square(net, content, style, device, precision, history, args) -> dict:
+    """Binary search (to 128 px) for the largest side whose step (eager) runs without running out
+    of memory, within --fit-seconds; the bracket found so far if time runs out."""
+    deadline = time.perf_counter() + args.fit_seconds / 2
+    tried = {}
+
+    def fits(side):
+        _free(device)
+        try:
+            run_paper_loop(net, content, style, side, 2, device, precision, "device", False, history)
+            tried[side] = "ok"
+            return True
+        except Exception as e:  # OOM, or a kernel that cannot take that many elements
+            tried[side] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+            return False
+        finally:
+            _free(device)
+
+    lo, hi = args.loop_big, None
+    if not fits(lo):
+        return {"largest_side": None, "tried": tried}
+    while hi is None and time.perf_counter() < deadline and lo * 2 <= args.fit_max:
+        if fits(lo * 2):
+            lo *= 2
+        else:
+            hi = lo * 2
+    hi = hi or min(lo * 2, args.fit_max + 128)
+    while hi - lo > 128 and time.perf_counter() < deadline:
+        mid = (lo + hi) // 2 // 64 * 64
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return {"largest_side": lo, "first_failing_side": hi if hi <= args.fit_max else None,
+            "resolved_to_px": hi - lo, "timed_out": time.perf_counter() >= deadline, "tried": tried}
+
+
+def print_gpu_loop(dev: dict) -> None:
+    g = dev.get("gpu_loop")
+    if g:
+        print()
+        print(f"[{dev['machine']['device']}] the inner loop driven directly: paper objective at {g['size']}x{g['size']}, "
+              f"{g['steps']} L-BFGS steps, warm network, from pixels to the result on the host")
+        head = f"{'precision':<9} {'implementation':<32} {'total s':>8} {'ms/step':>8} {'final loss':>11}  mode"
+        print(head)
+        print("-" * len(head))
+        for r in g["runs"]:
+            if "error" in r:
+                print(f"{r['precision']:<9} {r['implementation']:<32} failed: {r['error']}")
+                continue
+            mode = r["mode"] + (f" ({r['why_eager']})" if r["mode"] == "eager" and r["why_eager"] else "")
+            print(f"{r['precision']:<9} {r['implementation']:<32} {r['total_s']:>8.3f} {r['steady_ms_per_step']:>8.3f} "
+                  f"{r['final_loss']:>11.4g}  {mode}")
+        best = [r for r in g["runs"] if "total_s" in r and r["implementation"].startswith("new")]
+        if best and g["size"] == TARGET_SIZE and g["steps"] == TARGET_ITERATIONS:
+            b = min(best, key=lambda r: r["total_s"])
+            print(f"  target: {TARGET_SIZE}x{TARGET_SIZE} x {TARGET_ITERATIONS} steps <= {LOOP_TARGET_S:.1f} s: "
+                  f"best {b['total_s']:.3f} s ({b['precision']}): {'met' if b['total_s'] <= LOOP_TARGET_S else 'NOT met'}")
+        print("  per step against a bare VGG-19 forward+backward at the same shape and precision (ms):")
+        for row in g["ratio"]:
+            def f(k):
+                v = row.get(k)
+                return "-" if v is None else f"{v:.3f}"
+            print(f"    {row['precision']}: new {f('new_ms')} / bare captured {f('bare_captured_ms')} = "
+                  f"{f('new_over_bare_captured')}x; torch {f('torch_ms')} / bare eager {f('bare_eager_ms')} = "
+                  f"{f('torch_over_bare_eager')}x" + (f"  ({row['error']})" if "error" in row else ""))
+        if g["syncs"]:
+            print("  host synchronisations per steady step (sync debug mode 'warn', full history, readback included): "
+                  + "; ".join(f"{k}: {'-' if v is None else format(v, '.1f')}" for k, v in g["syncs"].items()))
+    m = dev.get("gpu_memory")
+    if m:
+        print()
+        print(f"[{dev['machine']['device']}] memory of the new loop (L-BFGS history on the device, captured step)")
+        for r in m["peak"]:
+            if "error" in r:
+                print(f"  {m['big']}x{m['big']} new loop ({r['precision']}): failed: {r['error']}")
+            else:
+                print(f"  {m['big']}x{m['big']} new loop ({r['precision']}, history {r['history']} preallocated): peak "
+                      f"allocated {_mib(r['peak_allocated_bytes'])}, reserved {_mib(r['peak_reserved_bytes'])} "
+                      f"({r['mode']})")
+        for r in m["largest"]:
+            if r.get("largest_side") is None:
+                print(f"  largest square ({r['precision']}, history {r['history']}): none found: {r.get('tried')}")
+                continue
+            fail = r.get("first_failing_side")
+            why = r["tried"].get(fail, "") if fail else ""
+            print(f"  largest square untiled ({r['precision']}, history {r['history']} on the device): "
+                  f"{r['largest_side']}x{r['largest_side']} runs; "
+                  + (f"{fail}x{fail} fails ({why})" if fail else "nothing larger tried")
+                  + (" [time box reached]" if r.get("timed_out") else ""))
 
 
 # ---- 4: coarse-to-fine against single scale ------------------------------------------------------
@@ -560,6 +875,9 @@ def print_report(report: dict) -> None:
                   f"{rows[0]['lbfgs_history_len_measured']}; L-BFGS@100 with a full history (a 500-step run's "
                   f"usual state); ratio@100 = ratio + (L-BFGS@100 - L-BFGS@k) / bare")
             print("  rest = loop - bare - loss terms - L-BFGS@k: the engine's own per-step cost plus noise")
+            print("  nst_core.lbfgs (device-resident, not yet used by the engine) at full history (ms): "
+                  + ", ".join(f"{r['size']}: {_ms(r.get('lbfgs_device_s_at_full_history'))} against torch's "
+                              f"{_ms(r['lbfgs_s_at_full_history'])}" for r in rows))
             print(f"  memory: {rows[0]['memory_measure']}")
             for r in rows:
                 if dev["machine"]["device"].startswith("cpu") and r["size"] == 256:
@@ -583,6 +901,7 @@ def print_report(report: dict) -> None:
                       f"{'-' if b['peak_reserved_bytes'] is None else format(b['peak_reserved_bytes'] / 2**30, '.2f')} "
                       f"GiB; fits in 24 GB: {'yes' if b['fits_24gb'] else 'NO'} (by reserved memory; the CUDA "
                       f"context, a few hundred MB, not counted)")
+        print_gpu_loop(dev)
         c = dev.get("time_to_loss")
         if c:
             print()
@@ -636,7 +955,16 @@ def parse_args(argv=None):
                     help="also try these finest-level shares (comma-separated, e.g. 0.6,0.8) in place of "
                          f"params.FINEST_LEVEL_SHARE={params_module.FINEST_LEVEL_SHARE} (an experiment only)")
     ap.add_argument("--sections", default="sizes,targets,c2f",
-                    help="what to run (default all): sizes (s/it, ratio, memory), targets (cuda only), c2f (time-to-loss)")
+                    help="what to run (default sizes,targets,c2f): sizes (s/it, ratio, memory), targets (cuda only), "
+                         "c2f (time-to-loss), loop (the new GPU loop driven directly: time, ratio, syncs), "
+                         "memory (its peak at --loop-big and the largest square that fits)")
+    ap.add_argument("--loop-size", type=int, default=TARGET_SIZE, help=f"side of the loop section's runs (default {TARGET_SIZE})")
+    ap.add_argument("--loop-steps", type=int, default=TARGET_ITERATIONS, help=f"steps of each loop run (default {TARGET_ITERATIONS})")
+    ap.add_argument("--loop-precisions", default="fp32,tf32,bf16", help="fp32 (no TF32), tf32, bf16 (default all three)")
+    ap.add_argument("--loop-big", type=int, default=BIG_SIZE, help=f"side of the peak-memory run (default {BIG_SIZE})")
+    ap.add_argument("--fit-seconds", type=float, default=120.0,
+                    help="time box of the largest-square searches (two searches; 0 skips them; default 120)")
+    ap.add_argument("--fit-max", type=int, default=16384, help="largest side the search tries (default 16384)")
     ap.add_argument("--big-iterations", type=int, default=LBFGS_HISTORY + 5,
                     help="iterations of the cuda 2048x2048 memory run (default 105: more than 100 fills the L-BFGS history)")
     ap.add_argument("--quick", action="store_true",
@@ -647,9 +975,13 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     args.c2f_shares = [float(s) for s in args.c2f_shares.split(",") if s.strip()]
     args.sections = {s.strip() for s in args.sections.split(",") if s.strip()}
-    unknown = args.sections - {"sizes", "targets", "c2f"}
+    unknown = args.sections - {"sizes", "targets", "c2f", "loop", "memory"}
     if unknown:
-        ap.error(f"--sections: unknown {', '.join(sorted(unknown))} (sizes, targets, c2f)")
+        ap.error(f"--sections: unknown {', '.join(sorted(unknown))} (sizes, targets, c2f, loop, memory)")
+    args.loop_precisions = [s.strip() for s in args.loop_precisions.split(",") if s.strip()]
+    bad = set(args.loop_precisions) - set(PRECISIONS)
+    if bad or not args.loop_precisions:
+        ap.error(f"--loop-precisions: unknown {', '.join(sorted(bad)) or '(none given)'} ({', '.join(PRECISIONS)})")
     return args
 
 
@@ -691,6 +1023,12 @@ def main(argv=None) -> int:
             dev["cuda_targets"] = cuda_targets(content, style, a, device)
         if "c2f" in args.sections:
             dev["time_to_loss"] = time_to_loss(content, style, a, device)
+        if "loop" in args.sections:
+            dev["gpu_loop"] = gpu_loop(content, style, a, device)
+        if "memory" in args.sections:
+            dev["gpu_memory"] = gpu_memory(content, style, a, device)
+        if cuda:
+            devices.configure(device)  # TF32 back on
         report["devices"].append(dev)
     report["loadavg_end"] = _loadavg()
     if args.json_file:

@@ -32,11 +32,12 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def configure(device: torch.device) -> None:
-    """TF32 and cuDNN autotuning on CUDA; on the CPU as many threads as this process may use."""
+def configure(device: torch.device, tf32: bool = True) -> None:
+    """TF32 (unless `tf32` is False: full float32) and cuDNN autotuning on CUDA; on the CPU as
+    many threads as this process may use."""
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
         torch.backends.cudnn.benchmark = True
     elif device.type == "cpu":
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -49,11 +50,30 @@ def memory_format(device: torch.device) -> torch.memory_format:
     return torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
 
-def autocast(device: torch.device, precision: str):
-    """Reduced precision for the network's forward pass; only on CUDA, where it keeps the result."""
+def autocast(device: torch.device, precision: str, cache_enabled: bool = True):
+    """Reduced precision for the network's forward pass; only on CUDA, where it keeps the result.
+
+    Inside a captured CUDA graph pass ``cache_enabled=False`` (autocast's weight-cast cache must
+    not hold tensors of the capture)."""
     if device.type != "cuda" or precision == "float32":
         return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=getattr(torch, precision))
+    return torch.autocast("cuda", dtype=getattr(torch, precision), cache_enabled=cache_enabled)
+
+
+@contextlib.contextmanager
+def exact_float32():
+    """Full float32 matrix products inside (no TF32), for the losses and the optimiser.
+
+    TF32 suits the network's convolutions; a Gram matrix close to its target, or the inner products
+    of L-BFGS's curvature pairs, would lose digits that the optimisation needs. The switch is
+    read when each product is launched (so a CUDA graph captured inside records float32 kernels)
+    and is process-wide while the block runs."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def describe(device: torch.device) -> str:

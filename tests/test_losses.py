@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from nst_core.losses import content_loss, gram, style_layer_loss, tv_loss
+from nst_core.losses import content_loss, gram, style_layer_loss, style_loss, tv_loss
 
 
 # ---- the formulas, written out element by element -----------------------------------------------
@@ -195,3 +195,120 @@ def test_tv_loss_worked_example():
 def test_tv_loss_random_floats_batched():
     x = small_floats((3, 4, 5), 18)
     assert tv_loss(x.unsqueeze(0)).item() == pytest.approx(tv_by_hand(to_lists(x)), rel=1e-5)
+
+
+# ---- all style layers in one node ---------------------------------------------------------------
+
+def old_style_layer_loss(features, target):
+    """The formula as autograd would take it, term by term: the reference for the fused node."""
+    n = features.shape[-3]
+    m = features.shape[-1] * features.shape[-2]
+    f = features.reshape(n, -1)
+    return ((f @ f.t()) - m * target).pow(2).sum() / (4.0 * n * n * m * m)
+
+
+def vgg_like_maps(seed, dtype=torch.float32):
+    """ReLU-like maps of the paper's five style layers' channel counts at a small size."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4), (512, 2, 2)]
+    return [torch.relu(torch.randn(1, *s, generator=g, dtype=dtype)) * (i + 1) for i, s in enumerate(shapes)]
+
+
+def test_style_loss_of_five_layers_is_the_weighted_sum_of_the_papers_E_l():
+    feats = vgg_like_maps(20)
+    targets = [gram(f) / (f.shape[-1] * f.shape[-2]) for f in vgg_like_maps(21)]
+    weights = [0.2, 0.1, 0.3, 0.25, 0.15]
+    xs = [f.clone().requires_grad_(True) for f in feats]
+    fused = style_loss(xs, targets, weights)
+    fused.backward()
+    refs = [f.clone().requires_grad_(True) for f in feats]
+    want = sum(w * old_style_layer_loss(f, t) for f, t, w in zip(refs, targets, weights))
+    want.backward()
+    assert fused.dtype == torch.float32
+    assert fused.item() == pytest.approx(want.item(), rel=1e-5)
+    for a, b in zip(xs, refs):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6 * b.grad.abs().max().item())
+
+
+def test_style_loss_by_hand_on_two_small_layers():
+    a, b = small_ints((2, 2, 3), 22), small_ints((3, 2, 2), 23)
+    sa, sb = small_ints((2, 2, 3), 24), small_ints((3, 2, 2), 25)
+    got = style_loss([a, b], [gram(sa) / 6, gram(sb) / 4], [0.25, 0.75]).item()
+    want = 0.25 * style_by_hand(to_lists(a), to_lists(sa)) + 0.75 * style_by_hand(to_lists(b), to_lists(sb))
+    assert got == pytest.approx(want, rel=1e-6)
+
+
+def test_style_and_content_loss_gradients_in_float64():
+    g = torch.Generator().manual_seed(26)
+    f = torch.rand(1, 6, 4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    cl = torch.rand(1, 6, 4, 5, generator=g, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    cl.requires_grad_(True)
+    a = gram(torch.rand(1, 6, 3, 3, generator=g, dtype=torch.float64)) / 9
+    p = torch.rand(1, 6, 4, 5, generator=g, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x, y: style_loss([x, y], [a, a], [0.4, 0.6]), (f, cl))
+    assert torch.autograd.gradcheck(lambda y: content_loss(y, p), (cl,))
+
+
+def test_channels_last_maps_give_the_same_losses_and_gradients():
+    feats = vgg_like_maps(27)[:3]
+    targets = [gram(f) / (f.shape[-1] * f.shape[-2]) for f in vgg_like_maps(28)[:3]]
+    plain = [f.clone().requires_grad_(True) for f in feats]
+    last = [f.clone().contiguous(memory_format=torch.channels_last).requires_grad_(True) for f in feats]
+    assert not last[0].is_contiguous()
+    a = style_loss(plain, targets, [1, 1, 1]) + content_loss(plain[1], feats[1] * 0.5)
+    b = style_loss(last, targets, [1, 1, 1]) + content_loss(last[1], feats[1] * 0.5)
+    a.backward()
+    b.backward()
+    assert b.item() == pytest.approx(a.item(), rel=1e-6)
+    for p, q in zip(plain, last):
+        assert q.grad.is_contiguous(memory_format=torch.channels_last)
+        assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7 * p.grad.abs().max().item())
+
+
+def test_reduced_precision_maps_give_float32_losses():
+    f = vgg_like_maps(29)[1].bfloat16().requires_grad_(True)
+    t = gram(vgg_like_maps(30)[1]) / 256
+    loss = style_loss([f], [t], [1.0]) + content_loss(f, f.detach().float() + 1)
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert f.grad.dtype == torch.bfloat16
+
+
+def count_ops(fn) -> int:
+    """aten operations (views and detach left out) that `fn` runs, forward and backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            tags = getattr(func, "tags", ())
+            if torch.Tag.view_copy not in tags and not func.is_view and "detach" not in func.__name__:
+                Counter.count += 1
+            return func(*args, **(kwargs or {}))
+
+    with Counter():
+        fn()
+    return Counter.count
+
+
+def test_the_fused_style_loss_runs_a_fraction_of_the_operations():
+    feats = vgg_like_maps(31)
+    targets = [gram(f) / (f.shape[-1] * f.shape[-2]) for f in vgg_like_maps(32)]
+
+    def fused():
+        xs = [f.clone().requires_grad_(True) for f in feats]
+        style_loss(xs, targets, [0.2] * 5).backward()
+
+    def per_layer():
+        xs = [f.clone().requires_grad_(True) for f in feats]
+        sum(0.2 * style_layer_loss(x, t) for x, t in zip(xs, targets)).backward()
+
+    def autograd_formula():
+        xs = [f.clone().requires_grad_(True) for f in feats]
+        sum(0.2 * old_style_layer_loss(x, t) for x, t in zip(xs, targets)).backward()
+
+    n_fused, n_layer, n_old = count_ops(fused), count_ops(per_layer), count_ops(autograd_formula)
+    print(f"aten ops for 5 style layers, forward+backward: fused {n_fused}, per layer {n_layer}, autograd {n_old}")
+    assert n_fused < n_layer < n_old
+    assert n_fused <= 0.4 * n_old
