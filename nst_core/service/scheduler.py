@@ -137,6 +137,7 @@ class JobHandle:
             if self._done.is_set():
                 return
             self._result, self._error = result, error
+            self.content, self.styles = None, []  # the pixels go now, not with the handle
             self.finished = time.monotonic()
             if error is None:
                 self.state = "done"
@@ -172,6 +173,7 @@ class Scheduler:
             raise ParamError("max_queue", f"must be at least 1, got {max_queue}")
         self.max_queue = max_queue
         self._session_factory = session_factory or _default_session
+        self.work_limits: dict[str, int] = {}  # device → the most pixels a job may work at there
         self._cond = threading.Condition()
         self._queue: list[JobHandle] = []
         self._workers: list[_Worker] = []
@@ -198,7 +200,10 @@ class Scheduler:
                 dev = _device_name(pick_device(name))
                 if dev not in resolved:
                     resolved.append(dev)
+            from .limits import max_work_pixels
+
             for dev in resolved:
+                self.work_limits[dev] = max_work_pixels(dev)
                 worker = _Worker(dev, self._session_factory(dev))
                 worker.thread = threading.Thread(target=self._work, args=(worker,), name=f"nst-worker-{dev}",
                                                  daemon=True)
@@ -332,15 +337,22 @@ class Scheduler:
             log.info("job %s %s in %.2f s on %s", job.id, job.state, took, worker.device)
 
     def _run(self, worker: _Worker, job: JobHandle) -> None:
+        from .. import devices
         from ..engine import stylize
+        from ..images import Picture, load_image
+        from .limits import check_work
 
         job._event("started", {"device": worker.device})
         params = job.params if job.params.device == worker.device else job.params.replace(device=worker.device)
         try:
             if job._cancel.is_set():
                 raise Cancelled("cancelled")
+            content = job.content if isinstance(job.content, Picture) else load_image(job.content)
+            styles = [s if isinstance(s, Picture) else load_image(s) for s in job.styles]
+            check_work((content.height, content.width), [(s.height, s.width) for s in styles], params,
+                       self.work_limits[worker.device], worker.device)
             try:
-                result = stylize(job.content, job.styles, params, progress=job._on_progress, cancel=job._cancel,
+                result = stylize(content, styles, params, progress=job._on_progress, cancel=job._cancel,
                                  session=worker.session)
             except OutOfMemory as e:
                 _free_memory(worker.device)
@@ -349,7 +361,7 @@ class Scheduler:
                 message = f"{e.message}; retrying once on the CPU"
                 log.warning("job %s: %s", job.id, message)
                 job._event("notice", {"message": message})
-                result = stylize(job.content, job.styles, params.replace(device="cpu"), progress=job._on_progress,
+                result = stylize(content, styles, params.replace(device="cpu"), progress=job._on_progress,
                                  cancel=job._cancel, session=self._cpu())
             job._finish(result=result)
         except Cancelled as e:
