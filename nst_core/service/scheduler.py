@@ -370,8 +370,13 @@ class Scheduler:
             job._finish(error=e)
         except NSTError as e:
             job._finish(error=e)
-        except Exception as e:  # a bug: report it and keep serving
-            log.exception("job %s failed", job.id)
+        except Exception as e:
+            if devices.is_out_of_memory(e):  # host memory, outside the engine's own check
+                _free_memory(worker.device)
+                job._finish(error=OutOfMemory(f"out of memory on {worker.device} at size {params.size}: "
+                                              f"use a smaller size ({type(e).__name__}: {e})"))
+                return
+            log.exception("job %s failed", job.id)  # a bug: report it and keep serving
             job._finish(error=InternalError(f"internal error in the service: {type(e).__name__}: {e}"))
 
     def _cpu(self):
