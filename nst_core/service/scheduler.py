@@ -145,6 +145,7 @@ class JobHandle:
                 self.state = "cancelled"
             else:
                 self.state = "failed"
+            self._scheduler._ended(self)  # counted before anyone waiting on the job sees it end
             self._done.set()
             callbacks, self._callbacks = self._callbacks, []
         for fn in callbacks:
@@ -301,9 +302,15 @@ class Scheduler:
             if job not in self._queue:
                 return
             self._queue.remove(job)
-            self.counts["cancelled" if isinstance(error, Cancelled) else "failed"] += 1
-            self.last_activity = time.monotonic()
         job._finish(error=error)
+
+    def _ended(self, job: JobHandle) -> None:
+        with self._cond:
+            for w in self._workers:
+                if w.job is job:
+                    w.job = None
+            self.counts[job.state] += 1
+            self.last_activity = time.monotonic()
 
     def _take(self, worker: _Worker) -> JobHandle | None:
         with self._cond:
@@ -329,10 +336,8 @@ class Scheduler:
             try:
                 self._run(worker, job)
             finally:
-                with self._cond:
-                    worker.job = None
-                    self.counts[job.state if job.state in self.counts else "failed"] += 1
-                    self.last_activity = time.monotonic()
+                if not job.done():  # not reached by _run's own handlers (a BaseException)
+                    job._finish(error=InternalError("internal error in the service: the job was interrupted"))
             took = (job.finished or time.monotonic()) - job.started
             log.info("job %s %s in %.2f s on %s", job.id, job.state, took, worker.device)
 
