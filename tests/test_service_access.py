@@ -307,6 +307,10 @@ def test_a_socket_folder_made_by_another_user_is_refused_by_server_and_client(pe
     folder.chmod(0o777)
     r = victim.run([PY, "-m", "nst_core", "status"])
     assert r.returncode == 1 and f"the socket folder {folder} is writable by others (mode 0777" in r.stderr
+    # A safe folder the user may not write in is a plain error too, not a traceback.
+    r = victim.run([PY, "-m", "nst_core", "serve", "--socket", str(people["base"] / "nst.sock")])
+    assert r.returncode == 2 and f"cannot listen on {people['base']}/nst.sock: Permission denied" in r.stderr, \
+        r.stderr
 
 
 def test_a_socket_group_the_service_user_is_not_in_is_exit_2_with_the_fix(people):

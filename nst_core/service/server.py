@@ -63,6 +63,14 @@ class ProtocolError(NSTError):
 
 def _bind(path: str, mode: int, group: str | None):
     """(listening socket, lock fd, (st_dev, st_ino)) at `path`: stale sockets replaced, live ones kept."""
+    try:
+        return _listen(path, mode, group)
+    except OSError as e:  # a folder this user may not write, a full disk…: say so, exit 2
+        where = f" ({e.filename})" if e.filename and e.filename != path else ""
+        raise ServiceSetupError(f"cannot listen on {path}: {e.strerror or e}{where}") from None
+
+
+def _listen(path: str, mode: int, group: str | None):
     if len(os.fsencode(path)) > 107:
         raise ServiceSetupError(f"socket path {path} is too long for a Unix socket (at most 107 bytes)")
     gid = None if group is None else access.check_socket_group(group)
