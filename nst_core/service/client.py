@@ -59,7 +59,7 @@ def default_socket_path() -> str:
     starts a private service."""
     candidates = candidate_sockets()
     for path, _ in candidates[:-1]:
-        if socket_problem(path, hello=False) is None:
+        if socket_problem(path) is None:
             return path
     return candidates[-1][0]
 
@@ -103,26 +103,14 @@ def socket_folder_problem(folder: str) -> str | None:
             f"made it to impersonate the service. Remove it (as root), or set XDG_RUNTIME_DIR or NST_SOCKET")
 
 
-def socket_problem(path: str, timeout: float = 2.0, hello: bool = True) -> str | None:
-    """None when a service answers on `path` (accepts a connection, and says hello when `hello`);
-    else why not, in a few words: absent, permission denied, not answering, an unsafe folder."""
+def socket_problem(path: str, timeout: float = 2.0) -> str | None:
+    """None when something accepts connections on `path`; else why not, in a few words: absent,
+    permission denied, not answering, an unsafe folder."""
     try:
-        sock = _connect(path, timeout)
+        _connect(path, timeout).close()
     except ServiceUnavailable as e:
         return e.details.get("reason", e.message)
-    try:
-        if hello:
-            send_frame(sock, {"type": "hello", "protocol": PROTOCOL_VERSION, "client": "probe"})
-            reply, _ = recv_frame(sock)
-            if reply.get("type") != "hello":
-                return f"not answering as a Neural Style service ({reply.get('message', reply.get('type'))})"
-        return None
-    except socket.timeout:
-        return f"not answering (no hello within {timeout:g} s)"
-    except (ServiceError, OSError) as e:
-        return f"not answering ({e})"
-    finally:
-        sock.close()
+    return None
 
 
 def _connect(path: str, timeout: float) -> socket.socket:
