@@ -131,9 +131,9 @@ class Settings:
             return self.socket
         if env.get("RUNTIME_DIRECTORY"):
             return Path(env["RUNTIME_DIRECTORY"].split(":")[0]) / "nst.sock"
-        from nst_core.service.client import default_socket_path
+        from nst_core.service.client import user_socket_path
 
-        return Path(default_socket_path())
+        return Path(user_socket_path())
 
 
 @dataclass(frozen=True)
@@ -438,7 +438,9 @@ class _Loader:
                 v = self.scalar(e, key, str, allow_none=True)
                 values[name] = None if v is None else ("default" if v in (_BAD, "default") else self.resolve(v))
             elif name == "socket_group":
-                v = self.scalar(e, key, str, allow_none=True)
+                from nst_core.service.access import socket_group_problem
+
+                v = self.scalar(e, key, str, socket_group_problem, allow_none=True)
                 values[name] = None if v is _BAD else v
             elif name == "log_level":
                 v = self.scalar(e, key, str, lambda v: None if v in LOG_LEVELS else

@@ -84,8 +84,17 @@ def describe(device: torch.device) -> str:
     return str(device)
 
 
+# How PyTorch's allocators word a failed allocation: CUDA ("CUDA out of memory"), MPS, and the CPU
+# ("DefaultCPUAllocator: can't allocate memory: you tried to allocate N bytes", "not enough memory").
+_OOM_WORDS = ("out of memory", "can't allocate memory", "cannot allocate memory", "not enough memory")
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+    """Whether `exc` is a failed allocation, on a GPU or in host memory."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(exc).lower()
+    return any(w in text for w in _OOM_WORDS)
 
 
 def _mps_available() -> bool:

@@ -477,3 +477,168 @@ def test_gpu_out_of_memory_is_a_job_error_and_the_service_stays_up(tmp_path):
         assert client.status()["jobs"]["failed"] == 1
     finally:
         srv.stop()
+
+
+# ---- hostile clients: memory, slow senders (issue 9) ----------------------------------------------
+
+def rss(pid: int) -> int:
+    """Resident memory of a process in bytes (/proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_announced_gigabyte_takes_no_memory_and_all_connections_share_a_budget(tmp_path):
+    """Connections that announce 1 GiB of pixels and send nothing: memory grows only with what
+    arrives, and the announcements of all connections together are bounded (busy beyond)."""
+    srv = Server(tmp_path / "s.sock").start()
+    try:
+        big = {"width": 8192, "height": 8192, "channels": 4, "bit_depth": 16}  # 512 MiB each
+        gib = 2 * 8192 * 8192 * 8
+        before = rss(srv.proc.pid)
+        first = connect_raw(srv.sock)
+        hello(first)
+        first.sendall(_frame({"type": "job", "content": big, "styles": [big], "params": FAST, "payload_size": gib}))
+        wait_for(lambda: rss(srv.proc.pid) - before > 64 << 20
+                 or srv.client().status().get("memory_budget", {}).get("used") == gib, what="the header to be read")
+        assert rss(srv.proc.pid) - before < 64 << 20, "an announced payload must not be allocated"
+        assert srv.client().status()["memory_budget"] == {"total": gib, "used": gib}
+        # A second announcement over the budget is refused at once, before any of its bytes are read.
+        second = connect_raw(srv.sock)
+        hello(second)
+        second.sendall(_frame({"type": "job", "content": big, "styles": [], "params": FAST,
+                               "payload_size": gib // 2}))
+        err = _error(second)
+        assert err["kind"] == "busy" and "try again later" in err["message"], err
+        assert closed(second)
+        with pytest.raises(nc.ServiceBusy):
+            srv.client().stylize(raw(16, 16), [], {**FAST, "style_weight": 0})
+        # Bytes take memory as they arrive, and no more.
+        first.sendall(b"\x7f" * (48 << 20))
+        wait_for(lambda: rss(srv.proc.pid) - before > 40 << 20, what="the sent bytes to be held")
+        assert rss(srv.proc.pid) - before < 160 << 20
+        # A client that goes away gives its share back; the service works on.
+        first.close()
+        wait_for(lambda: srv.client().status()["memory_budget"]["used"] == 0, what="the budget to be released")
+        out = srv.client().stylize(raw(16, 16), [], {**FAST, "style_weight": 0})
+        assert (out.width, out.height) == (32, 32)
+        assert srv.client().status()["memory_budget"]["used"] == 0, "a finished job gives its pixels back"
+    finally:
+        srv.stop()
+
+
+def test_work_a_job_asks_for_is_bounded_by_the_device(server, tmp_path):
+    """Output pixels and style pixels beyond what the device can hold are a clear param error,
+    from the header alone for pixels, once read for files; the service stays up."""
+    client = server.client()
+    with pytest.raises(nc.ServiceError) as e:  # 16384 × 16384 output from a tiny picture
+        client.stylize(raw(64, 64), [], {**FAST, "size": 16384, "style_weight": 0})
+    assert e.value.kind == "param" and e.value.details["field"] == "size", e.value
+    assert "16384×16384 = 268,435,456 pixels is too large" in e.value.message and "on cpu" in e.value.message
+    with pytest.raises(nc.ServiceError) as e:  # a style worked at 8 × 2048 = 16384 px on its long side
+        client.stylize(raw(64, 64), [raw(32, 32, 3)], {**FAST, "size": 2048, "style_scale": 8})
+    assert e.value.kind == "param" and e.value.details["field"] == "style_scale", e.value
+    assert "style 1 would be worked at 16384×16384" in e.value.message
+    # A file is measured when the service reads it.
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (90, 20, 200)).save(tmp_path / "square.png")
+    with pytest.raises(nc.ServiceError) as e:
+        client.stylize(str(tmp_path / "square.png"), [], {**FAST, "size": 16384, "style_weight": 0})
+    assert e.value.kind == "param" and e.value.details["field"] == "size", e.value
+    out = client.stylize(raw(16, 16), [], {**FAST, "style_weight": 0})
+    assert (out.width, out.height) == (32, 32)
+    assert 0 < client.server_info["limits"]["max_work_pixels"] <= 8192 * 8192
+
+
+def _dribble(sock: socket.socket, data: bytes, every: float, stop: threading.Event) -> None:
+    """Send one byte every `every` seconds until done, stopped, or the server hangs up."""
+    for i in range(len(data)):
+        if stop.wait(every):
+            return
+        try:
+            sock.sendall(data[i:i + 1])
+        except OSError:
+            return
+
+
+def test_slow_hello_and_slow_request_are_cut_at_their_deadline_and_idle_exit_still_fires(tmp_path):
+    """Slowloris: a byte every 0.5 s, well inside any per-read timeout, never completes a hello or
+    a request before the (2 s) deadline; the connections are cut and the idle service exits."""
+    srv = Server(tmp_path / "s.sock", "--request-timeout", "2", "--idle-exit", "1").start(wait=False)
+    stop = threading.Event()
+    try:
+        wait_for(lambda: os.path.exists(srv.sock) or srv.proc.poll() is not None, 90, "the socket")
+        # Connected before the service is idle (it binds before it loads the engine).
+        slow_hello = connect_raw(srv.sock)
+        idle_client = connect_raw(srv.sock)
+        t0 = time.monotonic()
+        threading.Thread(target=_dribble, args=(slow_hello, _frame({"type": "hello", "protocol": 1}), 0.5, stop),
+                         daemon=True).start()
+        hello(idle_client)  # a client that said hello may wait; once it starts a request, it may not
+        ping = _frame({"type": "ping"})
+        t1 = time.monotonic()
+        threading.Thread(target=_dribble, args=(idle_client, ping, 0.5, stop), daemon=True).start()
+
+        slow_hello.settimeout(120)
+        err = _error(slow_hello)
+        assert err["kind"] == "protocol" and "hello did not arrive whole within 2 s" in err["message"], err
+        assert time.monotonic() - t0 >= 2
+        assert closed(slow_hello)
+        idle_client.settimeout(120)
+        err = _error(idle_client)
+        assert err["kind"] == "protocol" and "request did not arrive whole within 2 s" in err["message"], err
+        assert time.monotonic() - t1 >= 2
+        assert closed(idle_client)
+        assert srv.proc.wait(60) == 0, srv.log_text()
+        assert "idle for" in srv.log_text()
+    finally:
+        stop.set()
+        srv.stop()
+
+
+# ---- which socket a client uses (issue 8 §4) -----------------------------------------------------
+
+def _status(env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nst_core", "status", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=60, env=env)
+
+
+def test_clients_find_the_system_socket_first_and_status_says_what_it_tried(server, tmp_path):
+    system = tmp_path / "system" / "nst.sock"
+    own_runtime = tmp_path / "runtime"
+    env = {k: v for k, v in os.environ.items() if k != "NST_SOCKET"}
+    env.update(NST_SYSTEM_SOCKET=str(system), XDG_RUNTIME_DIR=str(own_runtime))
+    own = own_runtime / "nst" / "nst.sock"
+    code = "from nst_core.service import client as c; print(c.default_socket_path()); print(c.user_socket_path())"
+
+    def paths():
+        out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, env=env)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.split()
+
+    # Neither exists: clients use (and a private service would start on) the user's own socket.
+    assert paths() == [str(own), str(own)]
+    out = _status(env)
+    assert out.returncode == 1
+    assert f"{system} (the system service): absent" in out.stderr
+    assert f"{own} (your own service): absent" in out.stderr
+    # A stale system socket (nothing listens) is passed over, and said to be stale.
+    system.parent.mkdir(mode=0o700)
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(str(system))
+    dead.close()
+    assert paths() == [str(own), str(own)]
+    assert "(the system service): not answering: nothing accepts connections on it (a stale socket)" in \
+        _status(env).stderr
+    # A live system socket is what clients use; the user's own is still where `nst serve` listens.
+    system.unlink()
+    system.symlink_to(server.sock)
+    assert paths() == [str(system), str(own)]
+    out = _status(env)
+    assert out.returncode == 0 and f"service   {server.sock}" in out.stdout, out.stderr
+    # $NST_SOCKET overrides both, alone.
+    out = _status({**env, "NST_SOCKET": str(tmp_path / "none.sock")})
+    assert out.returncode == 1 and f"no Neural Style service is listening on {tmp_path / 'none.sock'} (absent)" \
+        in out.stderr and "system service" not in out.stderr

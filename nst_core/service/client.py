@@ -14,6 +14,7 @@ import json
 import os
 import select
 import socket
+import stat
 import struct
 import subprocess
 import time
@@ -25,14 +26,164 @@ MAX_HEADER = 1 << 20  # bytes of JSON in one frame header
 _LEN = struct.Struct(">I")
 
 
-def default_socket_path() -> str:
-    """$NST_SOCKET, else $XDG_RUNTIME_DIR/nst/nst.sock, else /tmp/nst-$UID/nst.sock."""
+SYSTEM_SOCKET = "/run/nst-daemon/nst.sock"  # the daemon's socket under systemd (RuntimeDirectory=nst-daemon)
+
+
+def user_socket_path() -> str:
+    """Where this user's own service listens: $NST_SOCKET, else $XDG_RUNTIME_DIR/nst/nst.sock, else
+    /tmp/nst-$UID/nst.sock."""
     if os.environ.get("NST_SOCKET"):
         return os.environ["NST_SOCKET"]
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime:
         return os.path.join(runtime, "nst", "nst.sock")
     return os.path.join("/tmp", f"nst-{os.getuid()}", "nst.sock")
+
+
+def system_socket_path() -> str:
+    """The system daemon's socket: $NST_SYSTEM_SOCKET, else /run/nst-daemon/nst.sock."""
+    return os.environ.get("NST_SYSTEM_SOCKET") or SYSTEM_SOCKET
+
+
+def candidate_sockets() -> list[tuple[str, str]]:
+    """The sockets a client tries, in order, each with what it is: $NST_SOCKET alone when it is set;
+    else the system service's socket, then this user's own."""
+    if os.environ.get("NST_SOCKET"):
+        return [(os.environ["NST_SOCKET"], "$NST_SOCKET")]
+    return [(system_socket_path(), "the system service"), (user_socket_path(), "your own service")]
+
+
+def default_socket_path() -> str:
+    """The socket a client uses: $NST_SOCKET; else the system service's socket when a service accepts
+    connections on it (the daemon on a shared workstation); else this user's own, where `connect`
+    starts a private service."""
+    candidates = candidate_sockets()
+    for path, _ in candidates[:-1]:
+        if socket_problem(path) is None:
+            return path
+    return candidates[-1][0]
+
+
+def socket_folder_problem(folder: str) -> str | None:
+    """Why a socket in `folder` cannot be trusted, or None.
+
+    As ssh-agent and systemd do for their runtime folders: the folder must not be writable by
+    group or others, and must belong to this user or root, or else sit in a folder of this user or
+    root that nobody else can write (the system service's own /run/nst-daemon). A folder that does
+    not exist yet is no problem (the server creates it 0700).
+    """
+    try:
+        link = os.lstat(folder)
+        st = os.stat(folder)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        return f"cannot inspect the socket folder {folder}: {e.strerror}"
+    trusted = (os.geteuid(), 0)
+    if stat.S_ISLNK(link.st_mode) and link.st_uid not in trusted:
+        return (f"the socket folder {folder} is a symbolic link made by {_user_name(link.st_uid)}, not by you: "
+                f"another user may have put it there to impersonate the service. Remove it, or set "
+                f"XDG_RUNTIME_DIR or NST_SOCKET")
+    if not stat.S_ISDIR(st.st_mode):
+        return f"the socket folder {folder} is not a folder"
+    if st.st_mode & 0o022:
+        return (f"the socket folder {folder} is writable by others (mode {stat.S_IMODE(st.st_mode):04o}, owner "
+                f"{_user_name(st.st_uid)}): anyone could replace the socket. Make it private (chmod go-w {folder}), "
+                f"or set XDG_RUNTIME_DIR or NST_SOCKET")
+    if st.st_uid in trusted:
+        return None
+    parent = os.path.dirname(os.path.realpath(folder))
+    try:
+        pst = os.stat(parent)
+    except OSError:
+        pst = None
+    if pst is not None and pst.st_uid in trusted and not pst.st_mode & 0o022:
+        return None  # only root or this user can have made it, and given it to its owner
+    return (f"the socket folder {folder} belongs to {_user_name(st.st_uid)}, not to you: another user may have "
+            f"made it to impersonate the service. Remove it (as root), or set XDG_RUNTIME_DIR or NST_SOCKET")
+
+
+def socket_problem(path: str, timeout: float = 2.0) -> str | None:
+    """None when something accepts connections on `path`; else why not, in a few words: absent,
+    permission denied, not answering, an unsafe folder."""
+    try:
+        _connect(path, timeout).close()
+    except ServiceUnavailable as e:
+        return e.details.get("reason", e.message)
+    return None
+
+
+def _connect(path: str, timeout: float) -> socket.socket:
+    """A connected socket; ServiceUnavailable with details["reason"] (a few words) when there is none."""
+    def fail(reason: str, what: str | None = None):
+        raise ServiceUnavailable(message=what or f"no Neural Style service is listening on {path} ({reason})",
+                                 details={"reason": reason, "socket": path})
+
+    problem = socket_folder_problem(os.path.dirname(os.path.abspath(path)) or "/")
+    if problem:
+        fail(f"refused: {problem}", f"not connecting to {path}: {problem}")
+    try:
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            fail("not a socket", f"{path} is not a socket")
+    except OSError:
+        pass  # connect() tells why
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+        return sock
+    except FileNotFoundError:
+        sock.close()
+        fail("absent")
+    except ConnectionRefusedError:
+        sock.close()
+        fail("not answering: nothing accepts connections on it (a stale socket)")
+    except PermissionError:
+        sock.close()
+        reason = f"permission denied{_permission_hint(path)}"
+        fail(reason, f"cannot connect to the Neural Style service at {path}: {reason}")
+    except OSError as e:
+        sock.close()
+        reason = e.strerror or str(e)
+        fail(reason, f"cannot connect to the Neural Style service at {path}: {reason}")
+
+
+def _permission_hint(path: str) -> str:
+    try:
+        st = os.stat(path)
+    except PermissionError:
+        return f" (its folder {os.path.dirname(path)} is closed to you)"
+    except OSError:
+        return ""
+    group = _group_name(st.st_gid)
+    hint = f" (the socket is {_login(st.st_uid)}:{group}, mode {stat.S_IMODE(st.st_mode):04o}"
+    if st.st_mode & 0o020 and st.st_gid not in os.getgroups():
+        hint += (f"; you are not in group {group}: ask to be added (sudo usermod -aG {group} "
+                 f"{_login(os.getuid())}), then log in again")
+    return hint + ")"
+
+
+def _login(uid: int) -> str:
+    try:
+        import pwd
+
+        return pwd.getpwuid(uid).pw_name
+    except (ImportError, KeyError):
+        return str(uid)
+
+
+def _user_name(uid: int) -> str:
+    name = _login(uid)
+    return f"uid {uid}" if name == str(uid) else f"{name} (uid {uid})"
+
+
+def _group_name(gid: int) -> str:
+    try:
+        import grp
+
+        return grp.getgrgid(gid).gr_name
+    except (ImportError, KeyError):
+        return str(gid)
 
 
 @dataclass
@@ -137,31 +288,60 @@ def send_frame(sock: socket.socket, header: dict, payload=()) -> None:
             sock.sendall(p)
 
 
-def recv_exact(sock: socket.socket, n: int) -> bytearray:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = sock.recv_into(view[got:], min(n - got, 1 << 22))
-        if k == 0:
-            raise FrameError(f"the connection closed in the middle of a frame ({got} of {n} bytes)")
-        got += k
+class FrameTimeout(FrameError):
+    """A frame (or the hello) did not arrive whole before its deadline."""
+
+
+def wait_readable(sock: socket.socket, deadline: float | None) -> None:
+    """Block until `sock` has data (or EOF); FrameTimeout once `deadline` (time.monotonic()) passes.
+
+    With no deadline this returns at once, leaving the wait to the socket's own timeout.
+    """
+    if deadline is None:
+        return
+    remaining = deadline - time.monotonic()
+    if remaining > 0:
+        if hasattr(select, "poll"):
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            ready = poller.poll(max(1, int(remaining * 1000)))
+        else:
+            ready = select.select([sock], [], [], remaining)[0]
+        if ready:
+            return
+    raise FrameTimeout("the message did not arrive whole in time")
+
+
+def recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> bytearray:
+    """Exactly n bytes, held in memory only as they arrive (an announced size allocates nothing)."""
+    buf = bytearray()
+    while len(buf) < n:
+        wait_readable(sock, deadline)
+        chunk = sock.recv(min(n - len(buf), 1 << 20))
+        if not chunk:
+            raise FrameError(f"the connection closed in the middle of a frame ({len(buf)} of {n} bytes)")
+        buf += chunk
     return buf
 
 
-def recv_header(sock: socket.socket, max_header: int = MAX_HEADER) -> dict:
-    """Read a frame's header; the payload (header["payload_size"] bytes) is left to the caller."""
+def recv_length(sock: socket.socket, max_header: int = MAX_HEADER, deadline: float | None = None) -> int:
+    """The next frame's header length; ConnectionClosed when the peer closed between frames."""
+    wait_readable(sock, deadline)
     first = sock.recv(_LEN.size)
     if not first:
         raise ConnectionClosed()
     if len(first) < _LEN.size:
-        first = bytes(first) + bytes(recv_exact(sock, _LEN.size - len(first)))
+        first = bytes(first) + bytes(recv_exact(sock, _LEN.size - len(first), deadline))
     (n,) = _LEN.unpack(first)
     if n < 2 or n > max_header:
         raise FrameError(f"frame header of {n} bytes (must be 2 to {max_header}); is this a Neural Style client?")
-    raw = recv_exact(sock, n)
+    return n
+
+
+def decode_header(raw: bytes) -> dict:
+    """A frame header's JSON, checked: an object with a string `type` and a valid `payload_size`."""
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json.loads(bytes(raw).decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise FrameError(f"malformed JSON in the frame header ({e})") from None
     if not isinstance(header, dict):
@@ -172,6 +352,12 @@ def recv_header(sock: socket.socket, max_header: int = MAX_HEADER) -> dict:
     if isinstance(size, bool) or not isinstance(size, int) or size < 0:
         raise FrameError(f"payload_size must be a whole number >= 0, got {size!r}", "payload_size")
     return header
+
+
+def recv_header(sock: socket.socket, max_header: int = MAX_HEADER, deadline: float | None = None) -> dict:
+    """Read a frame's header; the payload (header["payload_size"] bytes) is left to the caller."""
+    n = recv_length(sock, max_header, deadline)
+    return decode_header(recv_exact(sock, n, deadline))
 
 
 def recv_frame(sock: socket.socket, max_header: int = MAX_HEADER, max_payload: int | None = None):
@@ -198,16 +384,7 @@ class ServiceClient:
     # -- connections --
 
     def _open(self) -> socket.socket:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self.socket_path)
-        except (FileNotFoundError, ConnectionRefusedError) as e:
-            sock.close()
-            raise ServiceUnavailable(message=f"no Neural Style service is listening on {self.socket_path} ({e.strerror})") from None
-        except OSError as e:
-            sock.close()
-            raise ServiceUnavailable(message=f"cannot connect to the Neural Style service at {self.socket_path}: {e}") from None
+        sock = _connect(self.socket_path, self.timeout)
         try:
             send_frame(sock, {"type": "hello", "protocol": PROTOCOL_VERSION, "client": self.client_name})
             reply = self._reply(sock)
@@ -371,6 +548,9 @@ def start_private_service(python: str, socket_path: str, idle_exit: float = 300,
     folder = os.path.dirname(socket_path)
     if not os.path.isdir(folder):
         os.makedirs(folder, mode=0o700, exist_ok=True)
+    problem = socket_folder_problem(folder)
+    if problem:
+        raise ServiceUnavailable(message=f"not starting a service at {socket_path}: {problem}")
     log_path = log_path or os.path.join(folder, "nst-serve.log")
     cmd = [python, "-m", "nst_core", "serve", "--socket", socket_path, "--idle-exit", f"{idle_exit:g}",
            "--device", device]
@@ -401,7 +581,9 @@ def start_private_service(python: str, socket_path: str, idle_exit: float = 300,
 
 def connect(socket_path: str | None = None, python: str | None = None, idle_exit: float = 300,
             timeout: float = 10.0, **start_options) -> ServiceClient:
-    """A client for the running service; else start a private one from `python` (if given)."""
+    """A client for the running service (`default_socket_path()` when no path is given: the system
+    service's, else this user's own); else start a private one from `python` (if given) on
+    `socket_path` or this user's own socket."""
     client = ServiceClient(socket_path, timeout=timeout)
     if client.ping():
         return client
@@ -410,8 +592,9 @@ def connect(socket_path: str | None = None, python: str | None = None, idle_exit
             f"no Neural Style service is listening on {client.socket_path}. Start one with "
             f"`nst serve` (or `nst serve --socket {client.socket_path}`), or set the Python interpreter "
             f"that has nst_core installed so that a private service can be started."))
-    start_private_service(python, client.socket_path, idle_exit=idle_exit, **start_options)
-    return client
+    own = socket_path or user_socket_path()
+    start_private_service(python, own, idle_exit=idle_exit, **start_options)
+    return ServiceClient(own, timeout=timeout)
 
 
 def _tail(path: str, n: int = 2000) -> str:
@@ -425,6 +608,7 @@ def _tail(path: str, n: int = 2000) -> str:
 
 
 __all__ = [
-    "PROTOCOL_VERSION", "default_socket_path", "RawImage", "ServiceError", "ServiceUnavailable", "ServiceBusy",
+    "PROTOCOL_VERSION", "default_socket_path", "user_socket_path", "system_socket_path", "candidate_sockets",
+    "socket_problem", "socket_folder_problem", "RawImage", "ServiceError", "ServiceUnavailable", "ServiceBusy",
     "JobCancelled", "ServiceClient", "start_private_service", "connect",
 ]

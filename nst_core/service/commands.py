@@ -8,7 +8,9 @@ import logging
 import signal
 import sys
 
-from .client import ServiceClient, ServiceUnavailable, default_socket_path
+from ..errors import ParamError
+from . import limits
+from .client import ServiceClient, ServiceUnavailable, candidate_sockets, user_socket_path
 
 EXIT_OK, EXIT_UNREACHABLE = 0, 1
 
@@ -20,25 +22,34 @@ def add_parsers(subparsers) -> None:
                     "(docs/PROTOCOL.md). Interactive jobs run before batch jobs.")
     serve.add_argument("--socket", metavar="PATH", default=None,
                        help="socket path (default: $NST_SOCKET, else $XDG_RUNTIME_DIR/nst/nst.sock, "
-                            "else /tmp/nst-$UID/nst.sock)")
+                            "else /tmp/nst-$UID/nst.sock); its folder must be yours and closed to others")
     serve.add_argument("--device", default="auto",
                        help="device(s), comma-separated, one worker each: auto, cpu, cuda, cuda:N, mps (default: auto)")
     serve.add_argument("--idle-exit", type=float, default=0, metavar="SECONDS",
                        help="exit after this long with no job and no client (default 0: never)")
     serve.add_argument("--group", metavar="NAME", default=None,
-                       help="make the socket 0660 and owned by this group (default: 0600, this user only)")
+                       help="make the socket 0660 and owned by this group, which this user must be in (default: "
+                            "0600, this user only). Other users' jobs then send pixels: the service reads and "
+                            "writes no file for them")
     serve.add_argument("--max-queue", type=int, default=64, metavar="N",
                        help="jobs that may wait; more are answered 'busy' (default: 64)")
     serve.add_argument("--on-stop", choices=("finish", "cancel"), default="finish",
                        help="on SIGTERM, let the running job finish (default) or cancel it")
+    serve.add_argument("--request-timeout", type=float, default=limits.REQUEST_TIMEOUT, metavar="SECONDS",
+                       help="a new connection must say hello, and any request must arrive whole once begun, "
+                            f"within this time (default: {limits.REQUEST_TIMEOUT:g}; payloads get a second more "
+                            f"per {limits.PAYLOAD_RATE >> 20} MiB)")
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
                        help="what to log on stderr (default: info)")
     serve.set_defaults(func=cmd_serve)
 
     status = subparsers.add_parser(
         "status", help="show the job service's device, queue, running job and cache",
-        description="Ask the job service for its state. Exit 0 when it answers, 1 when none is reachable.")
-    status.add_argument("--socket", metavar="PATH", default=None, help="socket path (default as for serve)")
+        description="Ask the job service for its state: the one clients use (the GIMP plug-in too): "
+                    "$NST_SOCKET; else the system service's socket ($NST_SYSTEM_SOCKET, else "
+                    "/run/nst-daemon/nst.sock), then your own (as for serve). Says which sockets it tried and "
+                    "why each failed. Exit 0 when one answers, 1 when none does.")
+    status.add_argument("--socket", metavar="PATH", default=None, help="ask this socket only")
     status.add_argument("--json", action="store_true", help="print the status message as JSON")
     status.set_defaults(func=cmd_status)
 
@@ -49,11 +60,13 @@ def cmd_serve(args) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s nst serve: %(levelname)s %(message)s")
-    path = args.socket or default_socket_path()
+    path = args.socket or user_socket_path()
     devices = [d.strip() for d in args.device.split(",") if d.strip()] or ["auto"]
+    if not args.request_timeout > 0:
+        raise ParamError("request_timeout", f"must be above 0, got {args.request_timeout:g}")
     scheduler = Scheduler(devices=devices, max_queue=args.max_queue)
     server = ServiceServer(path, scheduler, mode=0o660 if args.group else 0o600, group=args.group,
-                           idle_exit=args.idle_exit, on_stop=args.on_stop)
+                           idle_exit=args.idle_exit, on_stop=args.on_stop, request_timeout=args.request_timeout)
 
     def on_signal(signum, frame):
         logging.getLogger("nst_core.service").info("%s received: stopping", signal.Signals(signum).name)
@@ -67,17 +80,32 @@ def cmd_serve(args) -> int:
 
 
 def cmd_status(args) -> int:
-    client = ServiceClient(args.socket, timeout=5.0, client_name="nst status")
-    try:
-        st = client.status()
-    except ServiceUnavailable as e:
-        print(f"nst: {e.message}. Start one with `nst serve`.", file=sys.stderr)
+    candidates = [(args.socket, "--socket")] if args.socket else candidate_sockets()
+    failed = []  # (path, what, ServiceUnavailable)
+    for path, what in candidates:
+        try:
+            st = ServiceClient(path, timeout=5.0, client_name="nst status").status()
+            break
+        except ServiceUnavailable as e:
+            failed.append((path, what, e))
+    else:
+        if len(failed) == 1:
+            print(f"nst: {failed[0][2].message}. Start one with `nst serve`.", file=sys.stderr)
+        else:
+            print("nst: no Neural Style service answers. Tried:", *_tried(failed), "Start one with `nst serve`.",
+                  sep="\n", file=sys.stderr)
         return EXIT_UNREACHABLE
+    if failed:
+        print("nst: tried first:", *_tried(failed), sep="\n", file=sys.stderr)
     if args.json:
         print(json.dumps(st, indent=2))
         return EXIT_OK
     print(format_status(st))
     return EXIT_OK
+
+
+def _tried(failed) -> list[str]:
+    return [f"  {path} ({what}): {e.details.get('reason', e.message)}" for path, what, e in failed]
 
 
 def format_status(st: dict) -> str:
@@ -104,6 +132,9 @@ def format_status(st: dict) -> str:
     lines.append(f"jobs      {jobs.get('done', 0)} done, {jobs.get('failed', 0)} failed, "
                  f"{jobs.get('cancelled', 0)} cancelled")
     lines.append(f"clients   {st.get('clients', 0)}")
+    mem = st.get("memory_budget")
+    if mem:
+        lines.append(f"requests  {mem['used'] / 2**20:.1f} MiB of pixels held, of {mem['total'] / 2**20:.0f} MiB allowed")
     idle = st.get("idle_exit") or 0
     lines.append(f"idle exit {'never' if not idle else _duration(idle)}")
     return "\n".join(lines)

@@ -137,6 +137,7 @@ class JobHandle:
             if self._done.is_set():
                 return
             self._result, self._error = result, error
+            self.content, self.styles = None, []  # the pixels go now, not with the handle
             self.finished = time.monotonic()
             if error is None:
                 self.state = "done"
@@ -144,6 +145,7 @@ class JobHandle:
                 self.state = "cancelled"
             else:
                 self.state = "failed"
+            self._scheduler._ended(self)  # counted before anyone waiting on the job sees it end
             self._done.set()
             callbacks, self._callbacks = self._callbacks, []
         for fn in callbacks:
@@ -172,6 +174,7 @@ class Scheduler:
             raise ParamError("max_queue", f"must be at least 1, got {max_queue}")
         self.max_queue = max_queue
         self._session_factory = session_factory or _default_session
+        self.work_limits: dict[str, int] = {}  # device → the most pixels a job may work at there
         self._cond = threading.Condition()
         self._queue: list[JobHandle] = []
         self._workers: list[_Worker] = []
@@ -198,7 +201,10 @@ class Scheduler:
                 dev = _device_name(pick_device(name))
                 if dev not in resolved:
                     resolved.append(dev)
+            from .limits import max_work_pixels
+
             for dev in resolved:
+                self.work_limits[dev] = max_work_pixels(dev)
                 worker = _Worker(dev, self._session_factory(dev))
                 worker.thread = threading.Thread(target=self._work, args=(worker,), name=f"nst-worker-{dev}",
                                                  daemon=True)
@@ -296,9 +302,15 @@ class Scheduler:
             if job not in self._queue:
                 return
             self._queue.remove(job)
-            self.counts["cancelled" if isinstance(error, Cancelled) else "failed"] += 1
-            self.last_activity = time.monotonic()
         job._finish(error=error)
+
+    def _ended(self, job: JobHandle) -> None:
+        with self._cond:
+            for w in self._workers:
+                if w.job is job:
+                    w.job = None
+            self.counts[job.state] += 1
+            self.last_activity = time.monotonic()
 
     def _take(self, worker: _Worker) -> JobHandle | None:
         with self._cond:
@@ -324,23 +336,28 @@ class Scheduler:
             try:
                 self._run(worker, job)
             finally:
-                with self._cond:
-                    worker.job = None
-                    self.counts[job.state if job.state in self.counts else "failed"] += 1
-                    self.last_activity = time.monotonic()
+                if not job.done():  # not reached by _run's own handlers (a BaseException)
+                    job._finish(error=InternalError("internal error in the service: the job was interrupted"))
             took = (job.finished or time.monotonic()) - job.started
             log.info("job %s %s in %.2f s on %s", job.id, job.state, took, worker.device)
 
     def _run(self, worker: _Worker, job: JobHandle) -> None:
+        from .. import devices
         from ..engine import stylize
+        from ..images import Picture, load_image
+        from .limits import check_work
 
         job._event("started", {"device": worker.device})
         params = job.params if job.params.device == worker.device else job.params.replace(device=worker.device)
         try:
             if job._cancel.is_set():
                 raise Cancelled("cancelled")
+            content = job.content if isinstance(job.content, Picture) else load_image(job.content)
+            styles = [s if isinstance(s, Picture) else load_image(s) for s in job.styles]
+            check_work((content.height, content.width), [(s.height, s.width) for s in styles], params,
+                       self.work_limits[worker.device], worker.device)
             try:
-                result = stylize(job.content, job.styles, params, progress=job._on_progress, cancel=job._cancel,
+                result = stylize(content, styles, params, progress=job._on_progress, cancel=job._cancel,
                                  session=worker.session)
             except OutOfMemory as e:
                 _free_memory(worker.device)
@@ -349,7 +366,7 @@ class Scheduler:
                 message = f"{e.message}; retrying once on the CPU"
                 log.warning("job %s: %s", job.id, message)
                 job._event("notice", {"message": message})
-                result = stylize(job.content, job.styles, params.replace(device="cpu"), progress=job._on_progress,
+                result = stylize(content, styles, params.replace(device="cpu"), progress=job._on_progress,
                                  cancel=job._cancel, session=self._cpu())
             job._finish(result=result)
         except Cancelled as e:
@@ -358,8 +375,13 @@ class Scheduler:
             job._finish(error=e)
         except NSTError as e:
             job._finish(error=e)
-        except Exception as e:  # a bug: report it and keep serving
-            log.exception("job %s failed", job.id)
+        except Exception as e:
+            if devices.is_out_of_memory(e):  # host memory, outside the engine's own check
+                _free_memory(worker.device)
+                job._finish(error=OutOfMemory(f"out of memory on {worker.device} at size {params.size}: "
+                                              f"use a smaller size ({type(e).__name__}: {e})"))
+                return
+            log.exception("job %s failed", job.id)  # a bug: report it and keep serving
             job._finish(error=InternalError(f"internal error in the service: {type(e).__name__}: {e}"))
 
     def _cpu(self):

@@ -1,7 +1,9 @@
 """The Unix-socket front of the job service (docs/PROTOCOL.md).
 
 One thread reads each connection and one writes to it (a slow client never slows a job: progress
-events that it has not taken yet are replaced by newer ones). Jobs go to a `Scheduler`.
+events that it has not taken yet are replaced by newer ones). Jobs go to a `Scheduler`. Requests
+are read as their bytes arrive, against deadlines and a memory budget shared by all connections
+(`limits`); clients of other users are confined (`access`).
 """
 
 from __future__ import annotations
@@ -9,7 +11,6 @@ from __future__ import annotations
 import collections
 import errno
 import fcntl
-import grp
 import logging
 import math
 import os
@@ -20,25 +21,17 @@ import threading
 import time
 from dataclasses import dataclass
 
-from ..errors import ImageError, NSTError
+from ..errors import DeviceError, ImageError, NSTError
 from ..params import StyleParams
+from . import access, limits
 from . import client as wire
+from .access import ServiceSetupError
 from .scheduler import PRIORITIES, InternalError, Scheduler, ServiceStopping
 
 log = logging.getLogger("nst_core.service")
 
 PROTOCOL_VERSION = wire.PROTOCOL_VERSION
-MAX_STYLES = 16
 PROGRESS_INTERVAL = 0.05  # seconds between progress events (the first and last always go)
-HELLO_TIMEOUT = 30.0  # a connection that says nothing for this long is closed (it would block idle exit)
-_PAYLOAD_IMAGES = 2  # max_payload holds this many of the largest 16-bit RGBA images
-
-
-def limits() -> dict:
-    from ..images import MAX_PIXELS
-
-    return {"max_header": wire.MAX_HEADER, "max_pixels": MAX_PIXELS,
-            "max_payload": _PAYLOAD_IMAGES * MAX_PIXELS * 8, "max_styles": MAX_STYLES}
 
 
 def server_name() -> str:
@@ -66,30 +59,30 @@ class ProtocolError(NSTError):
         return m
 
 
-class ServiceSetupError(NSTError):
-    """The service cannot listen where it was asked to."""
-
-    kind = "service"
-
-
 # ---- the listening socket -----------------------------------------------------------------------
 
 def _bind(path: str, mode: int, group: str | None):
     """(listening socket, lock fd, (st_dev, st_ino)) at `path`: stale sockets replaced, live ones kept."""
+    try:
+        return _listen(path, mode, group)
+    except OSError as e:  # a folder this user may not write, a full disk…: say so, exit 2
+        where = f" ({e.filename})" if e.filename and e.filename != path else ""
+        raise ServiceSetupError(f"cannot listen on {path}: {e.strerror or e}{where}") from None
+
+
+def _listen(path: str, mode: int, group: str | None):
     if len(os.fsencode(path)) > 107:
         raise ServiceSetupError(f"socket path {path} is too long for a Unix socket (at most 107 bytes)")
-    gid = None
-    if group is not None:
-        try:
-            gid = grp.getgrnam(group).gr_gid
-        except KeyError:
-            raise ServiceSetupError(f"--group {group}: no such group") from None
+    gid = None if group is None else access.check_socket_group(group)
     folder = os.path.dirname(path)
     if not os.path.isdir(folder):
         os.makedirs(folder, mode=0o700, exist_ok=True)
         os.chmod(folder, 0o750 if gid is not None else 0o700)
         if gid is not None:
             os.chown(folder, -1, gid)
+    problem = wire.socket_folder_problem(folder)
+    if problem:
+        raise ServiceSetupError(f"not listening on {path}: {problem}")
     lock_fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         try:
@@ -153,9 +146,12 @@ class ServiceServer:
     """
 
     def __init__(self, socket_path: str, scheduler: Scheduler, mode: int = 0o600, group: str | None = None,
-                 idle_exit: float = 0, on_stop: str = "finish", owns_scheduler: bool = True):
+                 idle_exit: float = 0, on_stop: str = "finish", owns_scheduler: bool = True,
+                 request_timeout: float = limits.REQUEST_TIMEOUT, memory_budget: int | None = None):
         if on_stop not in ("finish", "cancel"):
             raise ValueError(f"on_stop must be finish or cancel, got {on_stop!r}")
+        if not request_timeout > 0:
+            raise ValueError(f"request_timeout must be above 0, got {request_timeout!r}")
         self.socket_path = os.path.abspath(socket_path)
         self.scheduler = scheduler
         self.mode = mode
@@ -163,6 +159,9 @@ class ServiceServer:
         self.idle_exit = idle_exit
         self.on_stop = on_stop
         self.owns_scheduler = owns_scheduler
+        self.request_timeout = float(request_timeout)
+        self.budget = limits.MemoryBudget(memory_budget if memory_budget is not None else limits.max_payload())
+        self.header_budget = limits.MemoryBudget(limits.HEADER_BUDGET)  # apart, so that a full one leaves status
         self.limits: dict = {}
         self._listener = None
         self._lock_fd = None
@@ -180,8 +179,9 @@ class ServiceServer:
         """Bind (failing fast, before torch loads, when the socket is taken), start the workers."""
         self._listener, self._lock_fd, self._identity = _bind(self.socket_path, self.mode, self.group)
         try:
-            self.limits = limits()
             self.scheduler.start()
+            self.limits = limits.announced(self.budget.total, max(self.scheduler.work_limits.values()),
+                                           self.request_timeout)
         except BaseException:
             self._listener.close()
             self._listener = None
@@ -258,6 +258,7 @@ class ServiceServer:
             "type": "status", "protocol": PROTOCOL_VERSION, "server": server_name(), "pid": os.getpid(),
             "socket": self.socket_path, "uptime": round(time.monotonic() - self._started_at, 3),
             "clients": len(clients), "client_names": clients, "idle_exit": self.idle_exit,
+            "memory_budget": {"total": self.budget.total, "used": self.budget.used},
             **self.scheduler.status(),
         }
 
@@ -278,11 +279,23 @@ class ServiceServer:
                         return
                     continue
                 self._conn_ids += 1
-                conn = _Connection(self, sock, self._conn_ids)
+                peer = access.peer_of(sock, group_socket=self.group is not None)
+                with self._conn_lock:
+                    full = len(self._connections) >= limits.MAX_CONNECTIONS
+                    self._last_activity = time.monotonic()
+                if full:
+                    _refuse(sock, f"the service is busy: {limits.MAX_CONNECTIONS} connections are open; "
+                                  f"try again later")
+                    continue
+                conn = _Connection(self, sock, self._conn_ids, peer)
                 with self._conn_lock:
                     self._connections.add(conn)
-                    self._last_activity = time.monotonic()
-                conn.start()
+                try:
+                    conn.start()
+                except RuntimeError as e:  # no thread to be had: refuse this one, keep serving
+                    log.warning("connection %d refused: %s", conn.number, e)
+                    self._forget(conn)
+                    _refuse(sock, "the service is busy: it cannot start another thread; try again later")
             self._check_idle()
 
     def _check_idle(self) -> None:
@@ -302,6 +315,26 @@ class ServiceServer:
         with self._conn_lock:
             self._connections.discard(conn)
             self._last_activity = time.monotonic()
+
+    def work_limit(self, device: str) -> tuple[int, str] | None:
+        """(the most pixels a job for `device` may work at, on which device); "auto": the largest of
+        the workers. None when no worker serves `device` (the scheduler says so)."""
+        try:
+            eligible = self.scheduler._eligible(device)
+        except DeviceError:
+            return None
+        return max((self.scheduler.work_limits[w.device], w.device) for w in eligible)
+
+
+def _refuse(sock: socket.socket, message: str) -> None:
+    """Answer a connection that is not taken with a busy error, and close it."""
+    try:
+        sock.setblocking(False)  # a short frame fits the socket's buffer; never wait for this client
+        wire.send_frame(sock, {"type": "error", "kind": "busy", "message": message})
+    except OSError:
+        pass
+    finally:
+        sock.close()
 
 
 # ---- one client connection ----------------------------------------------------------------------
@@ -330,10 +363,12 @@ _RAW_FIELDS = {"width", "height", "channels", "bit_depth"}
 
 
 class _Connection:
-    def __init__(self, server: ServiceServer, sock: socket.socket, number: int):
+    def __init__(self, server: ServiceServer, sock: socket.socket, number: int, peer: access.Peer):
         self.server = server
         self.sock = sock
         self.number = number
+        self.peer = peer
+        self.opened = time.monotonic()
         self.client: str | None = None
         self.hello = False
         self.job = None
@@ -401,18 +436,25 @@ class _Connection:
     # -- reading --
 
     def _read_loop(self) -> None:
+        timeout = self.server.request_timeout
         try:
-            self.sock.settimeout(HELLO_TIMEOUT)
             while True:
-                header = wire.recv_header(self.sock, wire.MAX_HEADER)
+                if self.hello:  # a client may wait between requests; a request, once begun, may not
+                    _wait_for_data(self.sock)
+                    deadline = time.monotonic() + timeout
+                else:  # the whole hello within the timeout of connecting
+                    deadline = self.opened + timeout
+                header = self._read_header(deadline)
                 try:
-                    self._handle(header)
+                    self._handle(header, deadline)
                 except _Skip:
                     pass
-                if self.hello and self.sock.gettimeout() is not None:
-                    self.sock.settimeout(None)
         except wire.ConnectionClosed:
             pass
+        except wire.FrameTimeout:
+            what = "request" if self.hello else "hello"
+            log.info("connection %d: no complete %s within %g s: closed", self.number, what, timeout)
+            self.send_error(ProtocolError(None, f"the {what} did not arrive whole within {timeout:g} s; closing"))
         except wire.FrameError as e:
             self.send_error(ProtocolError(e.details.get("field"), e.message))
         except _Close:
@@ -431,6 +473,18 @@ class _Connection:
                 self.sock.close()
             self.server._forget(self)
 
+    def _read_header(self, deadline: float) -> dict:
+        """The next frame's header, its bytes counted against the memory budget while it is read."""
+        n = wire.recv_length(self.sock, wire.MAX_HEADER, deadline)
+        budget = self.server.header_budget
+        if not budget.reserve(n):
+            self.send_error(_budget_error(budget, n), close=True)
+            raise _Close
+        try:
+            return wire.decode_header(wire.recv_exact(self.sock, n, deadline))
+        finally:
+            budget.release(n)
+
     def cancel_job(self, for_stop: bool = False) -> None:
         job = self.job
         if job is not None and not job.done():
@@ -441,14 +495,14 @@ class _Connection:
         for t in list(self._deliveries):
             t.join(max(0.0, deadline - time.monotonic()))
 
-    def _handle(self, header: dict) -> None:
+    def _handle(self, header: dict, deadline: float) -> None:
         kind = header["type"]
         size = header.get("payload_size", 0)
         if not self.hello and kind != "hello":
             self.send_error(ProtocolError("type", f"the first message must be hello, got {kind!r}"), close=True)
             raise _Close
         if kind == "job":
-            self._job(header)
+            self._job(header, deadline)
             return
         if size:
             self.send_error(ProtocolError("payload_size", f"a {kind} message carries no payload"), close=True)
@@ -497,38 +551,54 @@ class _Connection:
 
     # -- jobs --
 
-    def _job(self, header: dict) -> None:
+    def _job(self, header: dict, deadline: float) -> None:
         size = header.get("payload_size", 0)
+        budget = self.server.budget
         try:
             if self.job is not None and not self.job.done():
                 raise ProtocolError(None, "this connection's job is still running; one job at a time per "
                                           "connection (open another connection)")
             req = _parse_job(header, self.server.limits)
+            access.confine(self.peer, [("content", req.content)] +
+                           [(f"styles[{i}]", s) for i, s in enumerate(req.styles)], req.params, req.output_path)
+            _check_raw_work(req, self.server.work_limit(req.params.device))
+            if size and not budget.reserve(size):
+                raise _budget_error(budget, size)
         except NSTError as e:
             self.send_error(e, close=bool(size))
             if size:
                 raise _Close
             return
-        payload = wire.recv_exact(self.sock, size) if size else b""
+        held = size  # released when the job ends, or now if it never starts
         try:
-            content, styles = _pictures(req, payload)
-            if req.output_path is not None:
-                _check_output(req)
-        except NSTError as e:
-            self.send_error(e)
-            return
-        holder: dict = {}
-        with self._job_lock:
+            # Held in memory only as it arrives; a slow sender meets the frame's deadline.
+            payload = wire.recv_exact(self.sock, size, deadline + size / limits.PAYLOAD_RATE) if size else b""
             try:
-                job = self.server.scheduler.submit(
-                    content, styles, req.params, priority=req.priority,
-                    progress=self._progress_callback(req, holder), allow_cpu_fallback=req.allow_cpu_fallback,
-                    client=self.client or f"connection {self.number}", on_event=self._event_callback(holder))
+                content, styles = _pictures(req, payload)
+                del payload
+                if req.output_path is not None:
+                    _check_output(req)
             except NSTError as e:
                 self.send_error(e)
                 return
-            holder["job"] = self.job = job
-            self.send({"type": "accepted", "job_id": job.id, "position": job.position})
+            holder: dict = {}
+            with self._job_lock:
+                try:
+                    job = self.server.scheduler.submit(
+                        content, styles, req.params, priority=req.priority,
+                        progress=self._progress_callback(req, holder), allow_cpu_fallback=req.allow_cpu_fallback,
+                        client=self.client or f"connection {self.number}", on_event=self._event_callback(holder))
+                except NSTError as e:
+                    self.send_error(e)
+                    return
+                holder["job"] = self.job = job
+                self.send({"type": "accepted", "job_id": job.id, "position": job.position})
+            if held:
+                job.add_done_callback(lambda _job, n=held: budget.release(n))
+                held = 0
+        finally:
+            if held:
+                budget.release(held)
         t = threading.Thread(target=self._deliver, args=(job, req), name=f"nst-deliver-{job.id}", daemon=True)
         self._deliveries = [d for d in self._deliveries if d.is_alive()] + [t]
         t.start()
@@ -601,6 +671,29 @@ class _Connection:
 
 class _Skip(Exception):
     """The request was answered with an error; keep reading."""
+
+
+def _wait_for_data(sock: socket.socket) -> None:
+    """Block until the client sends something (or closes)."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    while not poller.poll():
+        pass
+
+
+def _budget_error(budget: limits.MemoryBudget, n: int) -> NSTError:
+    return limits.Busy(f"the service is busy: {n:,} more bytes of requests would exceed the {budget.total:,} bytes "
+                       f"that all its clients together may send it at once ({budget.used:,} in use); "
+                       f"try again later")
+
+
+def _check_raw_work(req: "_JobRequest", limit: tuple[int, str] | None) -> None:
+    """The work bound, from the header alone, for a job whose images all come as pixels (the
+    scheduler checks every job again once its files are read)."""
+    if limit is None or any("path" in spec for spec in [req.content, *req.styles]):
+        return
+    limits.check_work((req.content["height"], req.content["width"]),
+                      [(s["height"], s["width"]) for s in req.styles], req.params, *limit)
 
 
 # ---- request parsing ----------------------------------------------------------------------------
