@@ -17,13 +17,15 @@ Problems the user can fix are `ImageError`s that name the file and the problem.
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import io
 import os
 import re
+import secrets
 import stat
 import struct
 import sys
-import tempfile
 import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -480,8 +482,8 @@ def resize_picture(picture: Picture, longest_side: int | None = None, *,
 def check_output_path(path, *, overwrite: bool = True) -> str:
     """Check up front that `path` can be written as an image; returns its format (e.g. "PNG").
 
-    The extension must be one of `SAVE_FORMATS`, the folder must exist, and with
-    ``overwrite=False`` the file must not exist yet.
+    The extension must be one of `SAVE_FORMATS`, the name must fit the file system's limit, the
+    folder must exist, and with ``overwrite=False`` the file must not exist yet.
     """
     path = Path(path)
     ext = path.suffix.lower()
@@ -490,6 +492,9 @@ def check_output_path(path, *, overwrite: bool = True) -> str:
         known = ", ".join(sorted(SAVE_FORMATS))
         raise ImageError(path, f"unknown output extension {ext or '(none)'!r}; use one of {known}")
     folder = path.parent
+    size, limit = len(os.fsencode(path.name)), name_max(folder)
+    if size > limit:
+        raise ImageError(path, f"the file name is {size} bytes long; the file system allows at most {limit}")
     if not folder.is_dir():
         raise ImageError(path, f"the folder {str(folder)!r} does not exist")
     if path.is_dir():
@@ -518,7 +523,7 @@ def save_image(picture: Picture, path, metadata: dict | None = None, *, overwrit
     else:
         im = _to_pil(picture, with_alpha)
         write = lambda f: _save_pil(im, f, fmt, text)  # noqa: E731
-    _atomic_write(path, write, overwrite)
+    atomic_write(path, write, overwrite=overwrite)
 
 
 def _metadata_text(path: Path, metadata: dict | None) -> dict[str, str]:
@@ -566,11 +571,14 @@ def _save_pil(im: Image.Image, f, fmt: str, text: dict[str, str]) -> None:
         im.save(f, fmt)
 
 
-def _atomic_write(path: Path, write, overwrite: bool) -> None:
-    """Write through a hidden temporary file in the same folder; the target appears whole or not at all."""
+def atomic_write(path, write, *, overwrite: bool = True) -> None:
+    """Call ``write(f)`` on a hidden temporary file beside `path` (see `temporary_name`), then fsync
+    it and rename it to `path`: the file appears whole or not at all. With ``overwrite=False`` an
+    existing `path` is an error. Failures are `ImageError`s naming `path`; the temporary is removed."""
+    path = Path(path)
     folder = path.parent
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        fd, tmp = _create_temporary(path)
     except OSError as e:
         raise ImageError(path, f"cannot write in {str(folder)!r} ({e.strerror or e})") from None
     try:
@@ -596,6 +604,57 @@ def _atomic_write(path: Path, write, overwrite: bool) -> None:
         raise ImageError(path, f"cannot write the image ({type(e).__name__}: {e})") from None
 
 
+def name_max(folder) -> int:
+    """The longest file name, in bytes, that the file system holding `folder` allows (255 if unknown)."""
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+_TEMP_RANDOM = 12  # hex digits of randomness in a temporary name
+
+
+def temporary_name(path) -> str:
+    """A hidden name for a temporary file beside `path`: ``.<name>.<hash>-<random>.tmp``, where the
+    name is shortened (at a character boundary) so that the whole fits the folder's NAME_MAX
+    whatever the length of `path`'s name, and the hash of the full name keeps two names that
+    differ only past the cut apart. Creating it with O_EXCL (as `atomic_write` does) makes it unique."""
+    return _temporary_prefix(Path(path)) + secrets.token_hex(_TEMP_RANDOM // 2) + ".tmp"
+
+
+def temporary_files(path) -> list[Path]:
+    """The temporary files beside `path` that writes to it left behind (a process killed while writing)."""
+    path = Path(path)
+    pattern = re.compile(re.escape(_temporary_prefix(path)) + f"[0-9a-f]{{{_TEMP_RANDOM}}}\\.tmp")
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return []
+    return sorted(path.parent / n for n in names if pattern.fullmatch(n))
+
+
+def _temporary_prefix(path: Path) -> str:
+    name = path.name
+    digest = hashlib.blake2s(os.fsencode(name), digest_size=4).hexdigest()
+    room = name_max(path.parent) - len(f"..{digest}-.tmp") - _TEMP_RANDOM
+    head = name
+    while head and len(os.fsencode(head)) > room:
+        head = head[:-1]
+    return f".{head}.{digest}-"
+
+
+def _create_temporary(path: Path) -> tuple[int, Path]:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+    for _ in range(100):
+        tmp = path.parent / temporary_name(path)
+        try:
+            return os.open(tmp, flags, 0o600), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(path.parent))
+
+
 def _link_exclusive(tmp: str, path: Path) -> None:
     """Move tmp to path unless path exists, without a window in which another file could be replaced."""
     try:
@@ -611,7 +670,7 @@ def _link_exclusive(tmp: str, path: Path) -> None:
 
 
 def _new_file_mode(path: Path) -> int:
-    """The mode of the file being replaced, or 0666 less the umask (mkstemp would leave 0600)."""
+    """The mode of the file being replaced, or 0666 less the umask (not the temporary's 0600)."""
     try:
         return stat.S_IMODE(os.stat(path).st_mode)
     except OSError:
