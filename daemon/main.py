@@ -635,6 +635,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # names that are not UTF-8 print as \xNN, never a traceback
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     if not args.config:
         print("nst-daemon: give the rule file with --config FILE (or $NST_DAEMON_CONFIG)", file=sys.stderr)

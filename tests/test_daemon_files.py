@@ -374,6 +374,18 @@ def test_long_and_odd_names_are_processed_and_logged_on_one_line(tmp_path):
     assert sorted(p.name for p in inbox.iterdir()) == ["failed", "processed"]
 
 
+def test_dry_run_prints_names_that_are_not_utf8(tmp_path):
+    from daemon_util import REPO
+
+    cfg = make_config(tmp_path, [{"rule": "r", "watch": "in", "output": "out"}])
+    write_image(tmp_path / "in" / os.fsdecode(b"caf\xe9.png"), 1)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONIOENCODING": "utf-8:strict"}  # as in a UTF-8 locale
+    r = subprocess.run([sys.executable, "-m", "daemon.main", "--config", str(cfg), "--dry-run"], cwd=REPO, env=env,
+                       capture_output=True, text=True, errors="strict", timeout=120)
+    assert r.returncode == 0 and "1 file(s) to process" in r.stdout, r.stderr
+    assert "would process" in r.stdout and "caf\\" in r.stdout
+
+
 def test_the_journal_keeps_names_that_are_not_utf8(tmp_path):
     from daemon.journal import Identity, Journal
 
