@@ -41,6 +41,7 @@ SETTINGS_DEFAULTS: dict[str, Any] = {
     "max_attempts": 3,           # runs of one job the daemon may die in before it is failed
     "stop_timeout": 20.0,        # on SIGTERM: wait this long for the running job, then requeue it
     "stall_timeout": 600.0,      # no engine progress for this long: stop feeding systemd's watchdog
+    "incomplete_timeout": 120.0,  # a file that cannot be decoded fails once unchanged (and closed) this long
 }
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -113,6 +114,7 @@ class Settings:
     max_attempts: int
     stop_timeout: float
     stall_timeout: float
+    incomplete_timeout: float
 
     def journal_path(self, env=None) -> Path:
         """The journal file: as configured, else under systemd's StateDirectory, else XDG state."""

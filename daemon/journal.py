@@ -6,6 +6,9 @@ and what was at that path before (`out_prior`); after a crash, an output at the 
 that is not that prior file is the job's own finished output, so the job is done and is not run
 into a second output. The input's identity (device, inode, size, mtime) is recorded too, so a
 restart can tell a leftover input (finish moving it) from a new file with the same content.
+Once the input is moved to processed/ or failed/, `in_path` follows it there, so the same file put
+back into the inbox is an input again. Paths are stored as text, or as the raw bytes (a blob) where
+a name is not valid UTF-8.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 STATES = ("queued", "running", "done", "failed")
 
 _SCHEMA = """
@@ -35,6 +38,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     out_path TEXT,
     out_prior TEXT,
     dest_path TEXT,
+    sidecar TEXT,
     note TEXT,
     error TEXT,
     created REAL NOT NULL,
@@ -90,13 +94,15 @@ class Job:
     dest_path: str | None
     note: str | None
     error: dict | None
+    sidecar: str | None = None  # the error file written for an earlier failure of this job
 
     @classmethod
     def _from_row(cls, r: sqlite3.Row) -> "Job":
         return cls(r["id"], r["content_hash"], r["rule"], r["rule_version"], r["state"], r["attempts"], r["owner"],
-                   r["in_path"], Identity(r["in_dev"], r["in_ino"], r["in_size"], r["in_mtime_ns"]),
-                   r["out_path"], Identity.from_json(r["out_prior"]), r["dest_path"], r["note"],
-                   json.loads(r["error"]) if r["error"] else None)
+                   _path(r["in_path"]), Identity(r["in_dev"], r["in_ino"], r["in_size"], r["in_mtime_ns"]),
+                   _path(r["out_path"]), Identity.from_json(r["out_prior"]), _path(r["dest_path"]), r["note"],
+                   json.loads(r["error"]) if r["error"] else None,
+                   _path(r["sidecar"]) if "sidecar" in r.keys() else None)
 
     def same_input(self, path, ident: Identity | None) -> bool:
         return ident is not None and str(path) == self.in_path and ident == self.input
@@ -123,6 +129,9 @@ class Journal:
                 v = self._db.execute("PRAGMA user_version").fetchone()[0]
                 if v > SCHEMA_VERSION:
                     raise RuntimeError(f"{self.path}: journal schema {v} is newer than this daemon ({SCHEMA_VERSION})")
+                columns = {r[1] for r in self._db.execute("PRAGMA table_info(jobs)")}
+                if "sidecar" not in columns:  # schema 1
+                    self._db.execute("ALTER TABLE jobs ADD COLUMN sidecar TEXT")
                 self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         self._db.row_factory = sqlite3.Row
 
@@ -175,7 +184,7 @@ class Journal:
         """The newest job whose input was this very file (saves hashing it again)."""
         return self._one("SELECT * FROM jobs WHERE in_path = ? AND in_ino = ? AND in_size = ? AND in_mtime_ns = ? "
                          "AND in_dev = ? ORDER BY id DESC LIMIT 1",
-                         (str(path), ident.ino, ident.size, ident.mtime_ns, ident.dev))
+                         (_db(path), ident.ino, ident.size, ident.mtime_ns, ident.dev))
 
     def running(self) -> list[Job]:
         return self._all("SELECT * FROM jobs WHERE state = 'running' ORDER BY id")
@@ -196,14 +205,14 @@ class Journal:
             db.execute(
                 "INSERT OR IGNORE INTO jobs (content_hash, rule, rule_version, state, in_path, in_dev, in_ino, "
                 "in_size, in_mtime_ns, created, updated) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
-                (content_hash, rule, version, str(path), ident.dev, ident.ino, ident.size, ident.mtime_ns, now, now))
+                (content_hash, rule, version, _db(path), ident.dev, ident.ino, ident.size, ident.mtime_ns, now, now))
             r = db.execute("SELECT * FROM jobs WHERE content_hash = ? AND rule = ? AND rule_version = ?",
                            (content_hash, rule, version)).fetchone()
         return Job._from_row(r)
 
     def retry(self, job_id: int, path, ident: Identity, from_state: str) -> bool:
         """A new file with the content of a failed job: queue the job again, attempts reset."""
-        return self._update(job_id, from_state, state="queued", attempts=0, owner=None, in_path=str(path),
+        return self._update(job_id, from_state, state="queued", attempts=0, owner=None, in_path=_db(path),
                             in_dev=ident.dev, in_ino=ident.ino, in_size=ident.size, in_mtime_ns=ident.mtime_ns,
                             out_path=None, out_prior=None, dest_path=None, error=None, note=None)
 
@@ -221,7 +230,7 @@ class Journal:
 
     def set_output(self, job_id: int, out_path, prior: Identity | None) -> None:
         """Record where the output goes (and what was there) before writing it."""
-        self._update(job_id, "running", out_path=str(out_path), out_prior=prior.to_json() if prior else None)
+        self._update(job_id, "running", out_path=_db(out_path), out_prior=prior.to_json() if prior else None)
 
     def requeue(self, job_id: int, count_attempt: bool = False) -> None:
         """running → queued (a stop or a changed input); the attempt is not counted unless asked."""
@@ -232,14 +241,22 @@ class Journal:
                 "WHERE id = ? AND state = 'running'", (time.time(), job_id))
 
     def done(self, job_id: int, out_path, note: str | None = None) -> None:
-        self._update(job_id, None, state="done", out_path=None if out_path is None else str(out_path), note=note)
+        self._update(job_id, None, state="done", out_path=_db(out_path), note=note)
 
     def failed(self, job_id: int, error: dict) -> None:
         self._update(job_id, None, state="failed", error=json.dumps(error))
 
     def set_dest(self, job_id: int, dest) -> None:
         """Where the input is being moved (processed/ or failed/), decided once."""
-        self._update(job_id, None, dest_path=str(dest))
+        self._update(job_id, None, dest_path=_db(dest))
+
+    def moved(self, job_id: int, dest) -> None:
+        """The input is now at `dest` (processed/ or failed/): the same file back in the inbox is new input."""
+        self._update(job_id, None, in_path=_db(dest))
+
+    def set_sidecar(self, job_id: int, path) -> None:
+        """The error file written for this job's failure (None: removed)."""
+        self._update(job_id, None, sidecar=_db(path))
 
     def forget_stale(self, current: set[tuple[str, str]]) -> int:
         """Delete queued jobs of rule versions no longer in the config (they are found again by scans)."""
@@ -254,6 +271,22 @@ class Journal:
         """Delete a queued job (its file vanished, or its rule changed before it ran)."""
         with self._lock:
             self._db.execute("DELETE FROM jobs WHERE id = ? AND state = 'queued'", (job_id,))
+
+
+def _db(path):
+    """A path as stored: text, or its bytes where it is not valid UTF-8."""
+    if path is None:
+        return None
+    text = str(path)
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return os.fsencode(text)
+
+
+def _path(value) -> str | None:
+    return os.fsdecode(value) if isinstance(value, bytes) else value
 
 
 def _statements(script: str) -> list[str]:

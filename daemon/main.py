@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fcntl
-import glob
 import hashlib
 import logging
 import math
@@ -27,11 +26,14 @@ from pathlib import Path
 
 from nst_core.errors import NSTError
 
-from .config import Config, ConfigError, Rule, describe, file_hash, load_config
+from .config import Config, ConfigError, Rule, describe, load_config
 from .journal import Identity, Job, Journal
+from .names import show
 from .notify import Notifier
+from .safefs import LinkRefused
 from .watch import Settler, Watcher, scan
-from .worker import Item, JobQueue, Running, Stats, Worker, _move, _relative, finish_input, free_name
+from .worker import (Item, JobQueue, Running, Stats, Worker, folder_problem, finish_input, free_name,
+                     move_duplicate)
 
 log = logging.getLogger("nst-daemon")
 
@@ -41,9 +43,20 @@ _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERRO
 
 
 class JournaldFormatter(logging.Formatter):
-    """``<6>message``: journald reads the priority from the prefix of every stdout line."""
+    """``<6>message``: journald reads the priority from the prefix of every stdout line.
+
+    Every argument (file names above all) is shown on one line (`names.show`), so a name with a
+    newline or bytes that are not UTF-8 cannot split a record or forge one; only the message's own
+    line breaks start new lines.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
+        if record.args:
+            record = logging.makeLogRecord(record.__dict__)
+            if isinstance(record.args, dict):
+                record.args = {k: _shown(v) for k, v in record.args.items()}
+            else:
+                record.args = tuple(_shown(v) for v in record.args)
         text = record.getMessage()
         if record.name != "nst-daemon":
             text = f"{record.name.rsplit('.', 1)[-1]}: {text}"
@@ -51,6 +64,10 @@ class JournaldFormatter(logging.Formatter):
             text += "\n" + self.formatException(record.exc_info)
         prio = _PRIORITY.get(record.levelno, 6 if record.levelno < logging.WARNING else 3)
         return "\n".join(f"<{prio}>{line}" for line in text.splitlines() or [""])
+
+
+def _shown(value):
+    return value if isinstance(value, (int, float)) else show(value)
 
 
 def setup_logging(level: str) -> None:
@@ -83,7 +100,7 @@ class Daemon:
         self.socket_path = config.settings.socket_path(self.env) if socket == "config" else socket
         self.notifier = Notifier(self.env)
         self.queue = JobQueue()
-        self.settler = Settler(config.settings.settle)
+        self.settler = Settler(config.settings.settle, config.settings.incomplete_timeout)
         self.stats = Stats()
         self.running: dict[int, Running] = {}
         self.stopping = threading.Event()
@@ -119,8 +136,17 @@ class Daemon:
             self.settler.add(path, owner[0].name, owner[1])
             self._wake.set()
 
+    def defer(self, item: Item, delay: float, st: os.stat_result | None = None) -> None:
+        """Look at an input again in `delay` seconds (or once it changes): it could not be decoded yet."""
+        self.settler.defer(item.path, item.rule, item.root, delay, st)
+        self._wake.set()
+
+    def trust_ctime(self, root: Path) -> bool:
+        """Whether file change times under `root` are in our clock (not a network folder's)."""
+        return self.watcher is None or self.watcher.modes.get(root) != "polled"
+
     def block(self, rule: str, message: str) -> None:
-        if rule not in self._blocked:
+        if self._blocked.get(rule, (None,))[0] != message:
             log.error("rule %s: %s; its files wait (retried in %gs, or at a reload)", rule, message,
                       self.config.settings.scan_interval)
         self._blocked[rule] = (message, time.monotonic() + self.config.settings.scan_interval)
@@ -214,7 +240,9 @@ class Daemon:
                 log.warning("%s: was running when the daemon stopped (attempt %d); queued again",
                             job.in_path, job.attempts)
             if out is not None:
-                for tmp in glob.glob(os.path.join(glob.escape(str(out.parent)), f".{glob.escape(out.name)}.*.tmp")):
+                from nst_core.images import temporary_files
+
+                for tmp in temporary_files(out):
                     try:
                         os.unlink(tmp)
                     except OSError:
@@ -226,7 +254,8 @@ class Daemon:
                 if rule.create and not root.exists():
                     root.mkdir(parents=True, exist_ok=True)
                     log.info("rule %s: created %s", rule.name, root)
-        self.watcher = Watcher(self.config, self._on_event, self._on_dir, self.config.settings.poll_interval)
+        self.watcher = Watcher(self.config, self._on_event, self._on_dir, self.config.settings.poll_interval,
+                               on_write=self.settler.writing, on_lost=self._on_lost)
         self.watcher.start()
         for root, mode in self.watcher.modes.items():
             log.info("watching %s (%s)", root, mode)
@@ -236,6 +265,11 @@ class Daemon:
         if owner is not None:
             self.settler.add(path, owner[0].name, owner[1])
             self._wake.set()
+
+    def _on_lost(self) -> None:
+        self.settler.events_lost()
+        self._last_scan = -math.inf  # events were lost: scan now
+        self._wake.set()
 
     def _on_dir(self, path: Path) -> None:
         for rule in self.config.rules:
@@ -319,14 +353,14 @@ class Daemon:
                 self.changed()
 
     def _duplicate(self, job: Job, item: Item, rule: Rule) -> None:
-        dest = free_name(rule.processed_dir(item.root) / _relative(item.path, item.root), set())
         try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            _move(item.path, dest)
+            dest = move_duplicate(self, item, rule)
             log.info("%s: same content as %s, already done (%s); moved to %s", item.path, job.in_path,
                      job.out_path or job.note, dest)
+        except LinkRefused as e:
+            self.block(rule.name, folder_problem(e.path, e).message)
         except OSError as e:
-            log.error("%s: cannot move it to %s: %s", item.path, dest, e)
+            log.error("%s: cannot move it to %s: %s", item.path, rule.processed_dir(item.root), e)
 
     def serve(self) -> None:
         """The main loop: signals, settled files, scans, reloads, watchdog and status, until stopped."""
@@ -344,7 +378,7 @@ class Daemon:
                 break
             if now - last_ready >= min(0.25, max(0.02, s.settle / 8)):
                 last_ready = now
-                for path, pending, st in self.settler.ready(self._trust_ctime):
+                for path, pending, st in self.settler.ready(self.trust_ctime):
                     try:
                         self.consider(path, st)
                     except Exception:
@@ -372,9 +406,6 @@ class Daemon:
                     self._last_status = text
                     self.notifier.status(text)
 
-    def _trust_ctime(self, root: Path) -> bool:
-        return self.watcher is None or self.watcher.modes.get(root) != "polled"
-
     def healthy(self) -> bool:
         """Idle, or every running job made progress within stall_timeout (feeds systemd's watchdog)."""
         now = time.monotonic()
@@ -382,7 +413,7 @@ class Daemon:
         return all(now - r.last_progress < limit for r in list(self.running.values()))
 
     def status_text(self) -> str:
-        running = [f"{r.item.path.name} ({r.item.rule}) step {r.step}/{r.total}" for r in list(self.running.values())]
+        running = [f"{show(r.item.path.name)} ({r.item.rule}) step {r.step}/{r.total}" for r in list(self.running.values())]
         c = self.stats.counts
         text = f"{len(self.queue)} queued, {len(self.settler)} settling; "
         text += ("running " + ", ".join(running)) if running else "idle"
@@ -407,7 +438,7 @@ class Daemon:
         try:
             new = load_config(path)
         except ConfigError as e:
-            log.error("reload of %s failed; keeping the rules in use:\n%s", path, e.message)
+            log.error("reload of %s failed; keeping the rules in use:" + "\n%s" * len(e.problems), path, *e.problems)
             self.notifier.ready(self.status_text())
             return False
         old = self.config
@@ -422,6 +453,7 @@ class Daemon:
         self.config = new
         logging.getLogger().setLevel(new.settings.log_level.upper())
         self.settler.settle = new.settings.settle
+        self.settler.patience = new.settings.incomplete_timeout
         self.settler.clear()
         versions = {r.name: (r.version, r.watch) for r in new.rules}
         gone = self.queue.drop(lambda i: versions.get(i.rule, (None,))[0] == i.version and i.root in versions[i.rule][1])
@@ -444,7 +476,7 @@ class Daemon:
         s = self.config.settings
         self.stopping.set()
         self.stop_deadline = time.monotonic() + s.stop_timeout
-        busy = [r.item.path.name for r in list(self.running.values())]
+        busy = [show(r.item.path.name) for r in list(self.running.values())]
         self.notifier.stopping(f"stopping; {'finishing ' + ', '.join(busy) if busy else 'idle'}")
         log.info("stopping%s", f" (finishing {', '.join(busy)}, at most {s.stop_timeout:g}s)" if busy else "")
         if self.watcher is not None:
@@ -483,15 +515,35 @@ class Daemon:
 
 
 def content_key(path: Path, st: os.stat_result) -> str:
-    """The content hash that keys a job (links and unreadable files get keys of their own)."""
+    """The content hash that keys a job (links and unreadable files get keys of their own).
+
+    The file is read without following a link (a link swapped in after `st` is not read through)."""
     import stat as _stat
 
     if _stat.S_ISLNK(st.st_mode):
-        return "link:" + hashlib.sha256(os.fsencode(os.readlink(path))).hexdigest()
-    try:
-        return file_hash(path)
-    except OSError:
-        return f"unreadable:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+        try:
+            return "link:" + hashlib.sha256(os.fsencode(os.readlink(path))).hexdigest()
+        except OSError:
+            pass
+    else:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            fd = None
+        if fd is not None:
+            try:
+                now = os.fstat(fd)
+                if _stat.S_ISREG(now.st_mode) and (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+                    h = hashlib.sha256()
+                    with os.fdopen(fd, "rb", closefd=False) as f:
+                        for chunk in iter(lambda: f.read(1 << 20), b""):
+                            h.update(chunk)
+                    return h.hexdigest()
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+    return f"unreadable:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
 
 
 def _lock_path(jpath: Path, owner: str) -> Path:
@@ -583,6 +635,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # names that are not UTF-8 print as \xNN, never a traceback
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     if not args.config:
         print("nst-daemon: give the rule file with --config FILE (or $NST_DAEMON_CONFIG)", file=sys.stderr)

@@ -112,13 +112,27 @@ def scan(rule: Rule, root: Path) -> Iterator[Path]:
 
 # ---- settle ----------------------------------------------------------------------------------------
 
+# A file that cannot be decoded yet is looked at again after a delay that doubles from `settle` up to this.
+MAX_RETRY_DELAY = 30.0
+MIN_RETRY_DELAY = 0.5
+# A writer that holds a file open without writing for this long is taken as gone (its close was missed).
+WRITER_SILENCE = 3600.0
+
 
 @dataclass
 class Pending:
     rule: str
     root: Path
     sig: tuple
-    since: float  # monotonic time the signature was first seen
+    since: float  # clock time the signature was first seen
+    not_before: float = 0.0  # a deferred file is looked at again from then on (or when it changes)
+
+
+@dataclass
+class _Quiet:
+    sig: tuple
+    since: float  # clock time since which the file is unchanged
+    delay: float  # the last back-off delay
 
 
 def signature(st: os.stat_result) -> tuple:
@@ -126,11 +140,23 @@ def signature(st: os.stat_result) -> tuple:
 
 
 class Settler:
-    """Paths waiting until their size and times have been unchanged for `settle` seconds."""
+    """Decides when a file is complete enough to take.
 
-    def __init__(self, settle: float):
+    A path waits until its size and times have been unchanged for `settle` seconds. A settled file
+    that then cannot be decoded may still be being written (a writer that paused longer than
+    `settle`): `unfinished` makes it wait, with back-off, while it is open for writing or has been
+    unchanged for less than `patience` seconds. `clock` (monotonic) and `wall` (the time file times
+    are in) are injectable, so that these decisions are tested without sleeping.
+    """
+
+    def __init__(self, settle: float, patience: float = 120.0, *, clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time):
         self.settle = settle
+        self.patience = patience
+        self.clock, self.wall = clock, wall
         self._pending: dict[Path, Pending] = {}
+        self._quiet: dict[Path, _Quiet] = {}
+        self._writers: dict[Path, float] = {}  # path → clock time of its last write event, while open
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -139,16 +165,54 @@ class Settler:
     def add(self, path: Path, rule: str, root: Path) -> None:
         with self._lock:
             if path not in self._pending:
-                self._pending[path] = Pending(rule, root, (), time.monotonic())
+                self._pending[path] = Pending(rule, root, (), self.clock())
+
+    def defer(self, path: Path, rule: str, root: Path, delay: float, st: os.stat_result | None = None) -> None:
+        """Look at `path` again in `delay` seconds, or as soon as it changes from `st`."""
+        now = self.clock()
+        with self._lock:
+            self._pending[path] = Pending(rule, root, signature(st) if st else (), now, now + delay)
 
     def discard(self, path: Path) -> None:
         with self._lock:
             self._pending.pop(path, None)
 
+    def taken(self, path: Path) -> None:
+        """`path` decoded: what `unfinished` knew of it is no longer needed."""
+        with self._lock:
+            self._quiet.pop(path, None)
+
+    def forget(self, path: Path) -> None:
+        """Everything known about `path` (it was taken, or it is gone)."""
+        with self._lock:
+            self._pending.pop(path, None)
+            self._quiet.pop(path, None)
+            self._writers.pop(path, None)
+
     def clear(self) -> None:
         with self._lock:
             self._pending.clear()
 
+    # -- writers (inotify events; folders that are polled give none) --
+    def writing(self, path: Path, is_open: bool) -> None:
+        """A write (is_open) or a close after writing was seen for `path`."""
+        with self._lock:
+            if is_open:
+                self._writers[path] = self.clock()
+            else:
+                self._writers.pop(path, None)
+
+    def events_lost(self) -> None:
+        """The event queue overflowed: which files are open is not known any more."""
+        with self._lock:
+            self._writers.clear()
+
+    def open_for_writing(self, path: Path) -> bool:
+        with self._lock:
+            t = self._writers.get(path)
+        return t is not None and self.clock() - t < WRITER_SILENCE
+
+    # -- decisions --
     def ready(self, trust_ctime: Callable[[Path], bool] = lambda root: True) -> list[tuple[Path, Pending, os.stat_result]]:
         """Take the paths that have settled; drop those that vanished.
 
@@ -156,7 +220,7 @@ class Settler:
         settled on first sight; `trust_ctime(root)` is False for network folders, whose server
         clock may differ from ours.
         """
-        now, wall = time.monotonic(), time.time()
+        now, wall = self.clock(), self.wall()
         with self._lock:
             items = list(self._pending.items())
         out = []
@@ -164,13 +228,14 @@ class Settler:
             try:
                 st = os.lstat(path)
             except OSError:
-                self.discard(path)
+                self.forget(path)
                 continue
             if not (_stat.S_ISREG(st.st_mode) or _stat.S_ISLNK(st.st_mode)):
-                self.discard(path)
+                self.forget(path)
                 continue
             sig = signature(st)
-            settled = False
+            if p.not_before > now and sig == p.sig:
+                continue  # deferred, and unchanged since
             if sig != p.sig:
                 first = not p.sig
                 p.sig, p.since = sig, now
@@ -178,41 +243,83 @@ class Settler:
                 settled = first and old and trust_ctime(p.root)
             else:
                 settled = now - p.since >= self.settle
+            p.not_before = 0.0
             if settled:
                 self.discard(path)
                 out.append((path, p, st))
         return out
+
+    def unfinished(self, path: Path, st: os.stat_result, trust_ctime: bool = True) -> float | None:
+        """A settled file that cannot be decoded: seconds to wait before looking again, or None to fail it.
+
+        It waits while it is open for writing, and until it has been unchanged for `patience`
+        seconds (by its change time where `trust_ctime`, else since this process first saw it so);
+        the delay doubles at each look, from `settle` up to MAX_RETRY_DELAY.
+        """
+        now = self.clock()
+        sig = signature(st)
+        with self._lock:
+            q = self._quiet.get(path)
+            if q is None or q.sig != sig:
+                since = now
+                if trust_ctime:
+                    since = now - max(0.0, self.wall() - max(st.st_mtime, st.st_ctime))
+                q = _Quiet(sig, since, 0.0)
+            quiet = now - q.since
+            t = self._writers.get(path)
+            writing = t is not None and now - t < WRITER_SILENCE
+            if not writing and quiet >= self.patience:
+                self._quiet.pop(path, None)
+                return None
+            q.delay = min(max(q.delay * 2, self.settle, MIN_RETRY_DELAY), MAX_RETRY_DELAY)
+            self._quiet[path] = q
+            return q.delay if writing else max(MIN_RETRY_DELAY, min(q.delay, self.patience - quiet))
 
 
 # ---- events ----------------------------------------------------------------------------------------
 
 
 class _Handler(FileSystemEventHandler):
-    def __init__(self, on_path: Callable[[Path], None], on_dir: Callable[[Path], None]):
+    def __init__(self, on_path: Callable[[Path], None], on_dir: Callable[[Path], None],
+                 on_write: Callable[[Path, bool], None] | None = None, on_lost: Callable[[], None] | None = None):
         self.on_path, self.on_dir = on_path, on_dir
+        self.on_write, self.on_lost = on_write, on_lost
 
     def on_any_event(self, event):
-        if event.event_type in ("deleted", "opened", "closed_no_write"):
+        kind = event.event_type
+        if kind == "events_lost":
+            if self.on_lost is not None:
+                self.on_lost()
             return
-        path = event.dest_path if event.event_type == "moved" else event.src_path
+        if kind in ("opened", "closed_no_write"):
+            return
+        path = event.dest_path if kind == "moved" else event.src_path
         if not path:
             return
-        if isinstance(path, bytes):
-            path = os.fsdecode(path)
+        path = Path(os.fsdecode(path))
         if event.is_directory:
-            if event.event_type in ("created", "moved"):
-                self.on_dir(Path(path))
+            if kind in ("created", "moved"):
+                self.on_dir(path)
             return
-        self.on_path(Path(path))
+        if self.on_write is not None:
+            if kind in ("created", "modified"):
+                self.on_write(path, True)
+            elif kind in ("closed", "deleted"):
+                self.on_write(path, False)
+            elif kind == "moved":
+                self.on_write(Path(os.fsdecode(event.src_path)), False)
+        if kind != "deleted":
+            self.on_path(path)
 
 
 class Watcher:
     """watchdog observers for every watched folder of a config: inotify locally, polling on network folders."""
 
     def __init__(self, config: Config, on_path: Callable[[Path], None], on_dir: Callable[[Path], None],
-                 poll_interval: float):
+                 poll_interval: float, on_write: Callable[[Path, bool], None] | None = None,
+                 on_lost: Callable[[], None] | None = None):
         self.config = config
-        self._handler = _Handler(on_path, on_dir)
+        self._handler = _Handler(on_path, on_dir, on_write, on_lost)
         self._poll_interval = poll_interval
         self._observers: list = []
         self.modes: dict[Path, str] = {}

@@ -1,23 +1,28 @@
 """One folder job from the journal to its output: the steps, and the order that makes them crash-safe.
 
     claim (journal: running, attempts + 1)
+    open the input without following links; decode it   (one that cannot be decoded yet waits)
     choose the output path; record it and what was there before (journal)   ← before any write
-    decode the input; run the engine through the shared Scheduler (batch priority)
+    run the engine through the shared Scheduler (batch priority)
     write the output: temporary name in the output folder, fsync, rename (save_image)
     journal: done                                                           ← a crash just before
     move the input to processed/                                              this is found by the
                                                                               recorded path on restart
 Failures: journal failed → sidecar (<name>.error.json, atomic) → input to failed/.
+Problems of the machine rather than of the input (weights, the style image, an output folder that is
+full or cannot be written, a link where processed/ or failed/ should be) block the rule instead: its
+files wait, and STATUS says why. Nothing is created in or moved into a folder reached through a link
+(see safefs).
 """
 
 from __future__ import annotations
 
 import collections
 import datetime as _dt
+import errno
 import json
 import logging
 import os
-import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -25,8 +30,11 @@ from pathlib import Path
 
 from nst_core.errors import Cancelled, DeviceError, ImageError, NSTError, OutOfMemory, WeightsError
 
+from . import safefs
 from .config import Rule
 from .journal import Identity, Job
+from .names import fit_name, numbered, show
+from .safefs import LinkRefused, Place, fd_path
 
 log = logging.getLogger("nst-daemon")
 
@@ -109,6 +117,10 @@ class Running:
     last_progress: float
     step: int = 0
     total: int = 0
+    eta: float | None = None  # seconds left, as the engine estimated at last_progress
+
+    def seconds_left(self, now: float) -> float | None:
+        return None if self.eta is None else max(0.0, self.eta - (now - self.last_progress))
 
 
 class Stats:
@@ -148,12 +160,23 @@ class _Timed:
 
 
 class Requeue(Exception):
-    """The job did not run to the end for a reason that is not the input's fault."""
+    """The job did not run to the end for a reason that is not the input's fault.
 
-    def __init__(self, why: str, count_attempt: bool = False, rediscover: bool = False):
+    wait: the input cannot be decoded yet; its job is dropped and the file looked at again in
+    `wait` seconds (or when it changes from `st`).
+    """
+
+    def __init__(self, why: str, count_attempt: bool = False, wait: float | None = None,
+                 st: os.stat_result | None = None):
         super().__init__(why)
         self.count_attempt = count_attempt
-        self.rediscover = rediscover
+        self.wait, self.st = wait, st
+
+
+class FolderProblem(NSTError):
+    """A folder the daemon writes to cannot be used (full, read-only, a link): the rule waits."""
+
+    kind = "folder"
 
 
 class Worker(threading.Thread):
@@ -163,6 +186,8 @@ class Worker(threading.Thread):
         super().__init__(name=f"nst-folder-{index}", daemon=True)
         self.ctx = ctx
         self.index = index
+        self._reserved: Path | None = None  # the output name this worker holds (ctx.reserved)
+        self._out_fd: int | None = None  # the output folder of the running job, opened without links
 
     def run(self) -> None:
         ctx = self.ctx
@@ -217,9 +242,12 @@ class Worker(threading.Thread):
             self.run_job(job, item, rule)
         except Requeue as r:
             journal.requeue(job.id, count_attempt=r.count_attempt)
-            log.info("%s: %s; queued again", item.path, r)
-            if r.rediscover:
-                ctx.rediscover(item.path)
+            if r.wait is not None:
+                journal.forget(job.id)  # found again, and hashed again, when it is looked at next
+                ctx.defer(item, r.wait, r.st)
+                log.info("%s: %s; looked at again in %.1f s", item.path, r, r.wait)
+            else:
+                log.info("%s: %s; queued again", item.path, r)
         except NSTError as e:
             if _environmental(e):
                 journal.requeue(job.id)
@@ -229,33 +257,28 @@ class Worker(threading.Thread):
         except Exception as e:  # a bug; the daemon keeps going and the file says why
             log.exception("%s: internal error", item.path)
             self.fail(job, item, rule, {"kind": "internal", "message": f"internal error: {type(e).__name__}: {e}"})
+        finally:
+            self._release()
 
     def run_job(self, job: Job, item: Item, rule: Rule) -> None:
         ctx = self.ctx
         stats = ctx.stats
-        _refuse_escaping_link(item.path, item.root)
-        target = self.choose_output(job, item, rule)
-        if target is None:
-            return
         with stats.timed("load"):
-            from nst_core.images import load_image
-
-            try:
-                picture = load_image(item.path)
-            except ImageError:
-                if Identity.at(item.path) != job.input:
-                    raise Requeue("changed while it was read", rediscover=True) from None
-                raise
+            picture = self.load(job, item)
         if min(picture.width, picture.height) < rule.min_input_side:
             raise ImageError(item.path, f"the image is only {picture.width}×{picture.height} pixels; rule {rule.name} "
                                         f"takes images of at least {rule.min_input_side} pixels on each side "
                                         "(min_input_side)")
+        target = self.choose_output(job, item, rule)
+        if target is None:
+            return
+        self.check_room(target, picture, rule)
         styles = ctx.styles(rule)
         t0 = time.perf_counter()
         result = self.stylize(picture, styles, rule, item)
         stats.add("engine", time.perf_counter() - t0)
         meta = {"Software": f"neural-style nst-daemon ({ctx.server_name})", "nst-rule": rule.name,
-                "nst-rule-version": rule.version, "nst-source": item.path.name,
+                "nst-rule-version": rule.version, "nst-source": show(item.path.name),
                 "nst-params": json.dumps(rule.params.to_mapping(), sort_keys=True, default=str)}
         if getattr(result, "weights_note", None):
             meta["nst-weights-note"] = result.weights_note
@@ -269,26 +292,99 @@ class Worker(threading.Thread):
         log.info("%s → %s (rule %s, %.1f s)", item.path, target, rule.name, time.monotonic() - ctx.running[self.index].started)
         self.finish_input(ctx.journal.get(job.id), item, rule, ok=True)
 
+    def load(self, job: Job, item: Item):
+        """The input, opened without following links and decoded; Requeue(wait) while it may be incomplete."""
+        from nst_core.images import load_image
+
+        ctx = self.ctx
+        try:
+            fd, st = safefs.open_file(Place.under(item.root, item.path.parent), item.path.name)
+        except LinkRefused as e:
+            raise ImageError(item.path, e.what + ("" if e.path == item.path else f" ({e.path})")) from None
+        except PermissionError:
+            raise ImageError(item.path, "permission denied: the file cannot be read") from None
+        except FileNotFoundError:
+            raise Requeue("gone before it was read", wait=0.0) from None
+        except OSError as e:
+            if e.errno == errno.EINVAL:
+                raise ImageError(item.path, "is not a regular file (a device, pipe or socket), not an image file") from None
+            raise ImageError(item.path, f"cannot open it ({e.strerror or e})") from None
+        try:
+            if Identity.of(st) != job.input:
+                raise Requeue("changed since it settled", wait=0.0)
+            source = fd_path(fd)
+            try:
+                if st.st_size == 0:
+                    raise ImageError(source, "the file is empty (0 bytes)")
+                picture = load_image(source)
+            except ImageError as e:
+                err = _renamed(e, source, item.path)
+                now = os.fstat(fd)
+                if Identity.of(now) != job.input or Identity.at(item.path) != job.input:
+                    raise Requeue("changed while it was read", wait=0.0) from None
+                wait = ctx.settler.unfinished(item.path, now, ctx.trust_ctime(item.root))
+                if wait is None:
+                    raise err from None
+                how = "is open for writing" if ctx.settler.open_for_writing(item.path) else "changed recently"
+                raise Requeue(f"cannot be decoded yet and {how} ({err.message})", wait=wait, st=now) from None
+        finally:
+            os.close(fd)
+        ctx.settler.taken(item.path)
+        picture.source = str(item.path)
+        return picture
+
     def choose_output(self, job: Job, item: Item, rule: Rule) -> Path | None:
-        """The output path by the rule's template and collision policy, recorded before any write."""
+        """The output path by the rule's template and collision policy, recorded before any write.
+
+        Folders the template names below the output folder are made without following links, and
+        the name is shortened to what the file system allows."""
         from nst_core.images import check_output_path
 
         ctx = self.ctx
-        target = rule.output / rule.output_name(item.path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        check_output_path(target)  # ImageError for an extension no encoder writes
+        *sub, name = Path(rule.output_name(item.path)).parts
+        place = Place(rule.output, tuple(sub))
+        try:
+            rule.output.mkdir(parents=True, exist_ok=True)
+            self._out_fd = place.open(create=True)
+        except OSError as e:
+            raise folder_problem(place.path, e) from None
+        fd = self._out_fd
+        target = place.path / fit_name(name, _name_max(fd))
+        check_output_path(fd_path(fd, target.name))  # ImageError for an extension no encoder writes
         with ctx.names_lock:
-            if rule.on_collision == "skip" and os.path.lexists(target):
-                ctx.journal.done(job.id, None, note=f"skipped: {target} exists")
+            if rule.on_collision == "skip" and safefs.exists(fd, target.name):
+                ctx.journal.done(job.id, None, note=f"skipped: {show(target)} exists")
                 log.info("%s: %s exists; skipped (on_collision: skip)", item.path, target)
                 self.finish_input(ctx.journal.get(job.id), item, rule, ok=True)
                 return None
             if rule.on_collision == "number":
-                target = free_name(target, ctx.reserved)
-            ctx.reserved.add(target)
+                target = free_name(target, ctx.reserved, fd)
+            self._reserve(target)
             with ctx.stats.timed("journal"):
-                ctx.journal.set_output(job.id, target, Identity.at(target))
+                ctx.journal.set_output(job.id, target, _identity_at(fd, target.name))
         return target
+
+    def check_room(self, target: Path, picture, rule: Rule) -> None:
+        """FolderProblem, before the engine runs, where the output folder cannot take a file of this size."""
+        from nst_core.images import fit
+
+        fd = self._out_fd
+        probe = f".nst-probe-{os.getpid()}-{self.index}.tmp"
+        try:
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                             dir_fd=fd))
+            os.unlink(probe, dir_fd=fd)
+            vfs = os.statvfs(fd)
+        except FileExistsError:
+            return  # a probe left by a kill -9 of an earlier run; the write itself will tell
+        except OSError as e:
+            raise folder_problem(target.parent, e) from None
+        h, w = fit(picture.height, picture.width, rule.params.size)
+        need = h * w * (4 if picture.has_alpha else 3) * (2 if picture.bit_depth == 16 else 1) + (64 << 10)
+        free = vfs.f_bavail * vfs.f_frsize
+        if free < need:
+            raise FolderProblem(f"the output folder {show(target.parent)} is full ({free:,} bytes free, an output of "
+                                f"{w}×{h} needs up to {need:,})")
 
     def stylize(self, picture, styles, rule: Rule, item: Item):
         from nst_core.service.scheduler import QueueFull, ServiceStopping
@@ -298,6 +394,7 @@ class Worker(threading.Thread):
 
         def progress(p):
             running.step, running.total = p.step, p.total
+            running.eta = p.eta
             running.last_progress = time.monotonic()
 
         while True:
@@ -312,10 +409,17 @@ class Worker(threading.Thread):
                 raise Requeue("the daemon is stopping") from None
         cancelled_for_stop = False
         while True:
-            if ctx.stopping.is_set() and not cancelled_for_stop and time.monotonic() >= ctx.stop_deadline:
-                log.warning("%s: not finished within stop_timeout; cancelling it", item.path)
-                handle.cancel()
-                cancelled_for_stop = True
+            if ctx.stopping.is_set() and not cancelled_for_stop:
+                now = time.monotonic()
+                left, needs = ctx.stop_deadline - now, running.seconds_left(now)
+                if left <= 0:
+                    log.warning("%s: not finished within stop_timeout; cancelling it", item.path)
+                elif needs is not None and needs > left:
+                    log.warning("%s: cannot finish within stop_timeout (about %.0f s of work left, %.0f s to go); "
+                                "cancelling it", item.path, needs, left)
+                if left <= 0 or (needs is not None and needs > left):
+                    handle.cancel()
+                    cancelled_for_stop = True
             try:
                 return handle.result(timeout=0.2)
             except TimeoutError:
@@ -329,28 +433,44 @@ class Worker(threading.Thread):
         from nst_core.images import save_image
 
         ctx = self.ctx
-        try:
-            for _ in range(100):
-                try:
-                    save_image(picture, target, meta, overwrite=rule.on_collision == "overwrite")
-                    return target
-                except ImageError as e:
-                    if not os.path.lexists(target) or "already exists" not in e.message:
-                        raise
-                    # Someone else wrote that name since it was chosen.
-                    if rule.on_collision == "skip":
-                        ctx.journal.done(job.id, None, note=f"skipped: {target} exists")
-                        self.finish_input(ctx.journal.get(job.id), item, rule, ok=True)
-                        return None
-                    with ctx.names_lock:
-                        ctx.reserved.discard(target)
-                        target = free_name(target, ctx.reserved)
-                        ctx.reserved.add(target)
-                        ctx.journal.set_output(job.id, target, None)
-            raise ImageError(target, "no free output name")
-        finally:
-            with ctx.names_lock:
-                ctx.reserved.discard(target)
+        fd = self._out_fd
+        for _ in range(100):
+            try:
+                save_image(picture, fd_path(fd, target.name), meta, overwrite=rule.on_collision == "overwrite")
+                return target
+            except ImageError as e:
+                if not (safefs.exists(fd, target.name) and "already exists" in e.message):
+                    cause = e.__context__  # save_image's ImageError hides the OSError it came from
+                    if isinstance(cause, OSError) and cause.errno not in (errno.EEXIST, errno.ENAMETOOLONG):
+                        raise folder_problem(target.parent, cause) from None  # full, read-only, gone, ...
+                    raise _renamed(e, fd_path(fd, target.name), target) from None
+                # Someone else wrote that name since it was chosen.
+                if rule.on_collision == "skip":
+                    ctx.journal.done(job.id, None, note=f"skipped: {show(target)} exists")
+                    self.finish_input(ctx.journal.get(job.id), item, rule, ok=True)
+                    return None
+                with ctx.names_lock:
+                    target = free_name(target, ctx.reserved, fd)
+                    self._reserve(target)
+                    ctx.journal.set_output(job.id, target, None)
+        raise ImageError(target, "no free output name")
+
+    def _reserve(self, target: Path) -> None:
+        """Hold `target` against other workers (call with ctx.names_lock held)."""
+        if self._reserved is not None:
+            self.ctx.reserved.discard(self._reserved)
+        self._reserved = target
+        self.ctx.reserved.add(target)
+
+    def _release(self) -> None:
+        """Give up the output name and folder of the job that ended (done, failed, waiting or stopped)."""
+        if self._reserved is not None:
+            with self.ctx.names_lock:
+                self.ctx.reserved.discard(self._reserved)
+            self._reserved = None
+        if self._out_fd is not None:
+            os.close(self._out_fd)
+            self._out_fd = None
 
     # -- endings --
     def fail(self, job: Job, item: Item, rule: Rule, error: dict) -> None:
@@ -364,25 +484,50 @@ class Worker(threading.Thread):
 
 
 def finish_input(ctx, job: Job, item: Item, rule: Rule, ok: bool) -> None:
-    """Move the input to processed/ or failed/ (failures get a sidecar first); idempotent after a crash."""
+    """Move the input to processed/ or failed/ (failures get a sidecar first); idempotent after a crash.
+
+    A success removes the sidecar of an earlier failure of the same input. A link where one of
+    those folders should be blocks the rule (ctx.block): nothing is moved through it.
+    """
     t0 = time.perf_counter()
     try:
+        if ok and job.sidecar:
+            _remove_sidecar(ctx, job, rule, item.root, Path(job.sidecar))
+        if ok and not rule.keep_inputs:  # the error file of this name whose input left failed/ (moved back)
+            failed = _failed_place(rule, item.root, item.path).path
+            if not os.path.lexists(failed / item.path.name):
+                _remove_sidecar(ctx, job, rule, item.root, failed / sidecar_name(item.path.name))
         if rule.keep_inputs:
-            if not ok:
-                d = rule.failed_dir(item.root) / _relative(item.path, item.root)
-                write_sidecar(d.with_name(d.name + SIDECAR_SUFFIX), job, item, rule)
+            folder = _failed_place(rule, item.root, item.path)
+            if ok:
+                _remove_sidecar(ctx, job, rule, item.root, folder.path / sidecar_name(item.path.name))
+            else:
+                side = write_sidecar(folder, item.path.name, job, item, rule)
+                ctx.journal.set_sidecar(job.id, side)
             return
-        if job.dest_path:
-            dest = Path(job.dest_path)
-        else:
-            folder = rule.processed_dir(item.root) if ok else rule.failed_dir(item.root)
-            dest = free_name(folder / _relative(item.path, item.root), set())
-            ctx.journal.set_dest(job.id, dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if not ok:
-            write_sidecar(dest.with_name(dest.name + SIDECAR_SUFFIX), job, item, rule)
-        if os.path.lexists(item.path) and Identity.at(item.path) == job.input:
-            _move(item.path, dest)
+        dest = Path(job.dest_path) if job.dest_path else None
+        folder = (_processed_place if ok else _failed_place)(rule, item.root, item.path)
+        if dest is not None and dest.parent != folder.path:
+            dest = None  # decided under another configuration
+        dfd = folder.open(create=True)
+        try:
+            if dest is None:
+                dest = folder.path / free_name(folder.path / item.path.name, set(), dfd).name
+                ctx.journal.set_dest(job.id, dest)
+            if not ok:
+                side = write_sidecar(folder, dest.name, job, item, rule, dfd)
+                ctx.journal.set_sidecar(job.id, side)
+            if os.path.lexists(item.path) and Identity.at(item.path) == job.input:
+                src = Place.under(item.root, item.path.parent).open()
+                try:
+                    safefs.move(src, item.path.name, dfd, dest.name)
+                finally:
+                    os.close(src)
+                ctx.journal.moved(job.id, dest)
+        finally:
+            os.close(dfd)
+    except LinkRefused as e:
+        ctx.block(rule.name, folder_problem(e.path, e).message)
     except OSError as e:
         log.error("%s: cannot move it to %s: %s (tried again at the next scan)",
                   item.path, "processed" if ok else "failed", e)
@@ -390,39 +535,117 @@ def finish_input(ctx, job: Job, item: Item, rule: Rule, ok: bool) -> None:
         ctx.stats.add("move", time.perf_counter() - t0)
 
 
-def write_sidecar(path: Path, job: Job, item: Item, rule: Rule) -> None:
-    """<input name>.error.json beside the failed input: what failed and why, atomically."""
+def move_duplicate(ctx, item: Item, rule: Rule) -> Path:
+    """Move an input whose content was done already to processed/ (OSError, LinkRefused as they come)."""
+    folder = _processed_place(rule, item.root, item.path)
+    dfd = folder.open(create=True)
+    try:
+        dest = folder.path / free_name(folder.path / item.path.name, set(), dfd).name
+        src = Place.under(item.root, item.path.parent).open()
+        try:
+            safefs.move(src, item.path.name, dfd, dest.name)
+        finally:
+            os.close(src)
+        return dest
+    finally:
+        os.close(dfd)
+
+
+def _processed_place(rule: Rule, root: Path, path: Path) -> Place:
+    return Place.under(root, rule.processed_dir(root)).child(*_relative(path, root).parts[:-1])
+
+
+def _failed_place(rule: Rule, root: Path, path: Path) -> Place:
+    return Place.under(root, rule.failed_dir(root)).child(*_relative(path, root).parts[:-1])
+
+
+def sidecar_name(name: str, limit: int = 255) -> str:
+    """<input name>.error.json, shortened to fit the name limit."""
+    return fit_name(name, limit, SIDECAR_SUFFIX)
+
+
+def write_sidecar(folder: Place, name: str, job: Job, item: Item, rule: Rule, dfd: int | None = None) -> Path:
+    """<name>.error.json in `folder`: what failed and why, written atomically; returns its path."""
+    from nst_core.images import atomic_write
+
+    error = dict(job.error or {"kind": "unknown", "message": "unknown error"})
+    error = {k: show(v) if isinstance(v, str) else v for k, v in error.items()}
     data = {
-        "input": str(item.path),
+        "input": show(item.path),
         "rule": rule.name,
         "rule_version": rule.version,
-        "error": job.error or {"kind": "unknown", "message": "unknown error"},
-        "message": (job.error or {}).get("message", "unknown error"),
+        "error": error,
+        "message": error.get("message", "unknown error"),
         "attempts": job.attempts,
         "content_sha256": job.content_hash if len(job.content_hash) == 64 else None,
         "time": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    text = (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    own = dfd is None
+    if own:
+        dfd = folder.open(create=True)
+    try:
+        side = sidecar_name(name, _name_max(dfd))
+        try:
+            atomic_write(fd_path(dfd, side), lambda f: f.write(text))
+        except ImageError as e:
+            raise OSError(f"cannot write {show(folder.path / side)}: {_renamed(e, fd_path(dfd, side), folder.path / side).message}") from None
+    finally:
+        if own:
+            os.close(dfd)
+    return folder.path / side
 
 
-def free_name(path: Path, reserved: set) -> Path:
-    """path, or path with -1, -2, … before the extension: the first name that is neither taken nor reserved."""
-    if not os.path.lexists(path) and path not in reserved:
-        return path
-    stem, suffix = path.name[: len(path.name) - len(path.suffix)] if path.suffix else path.name, path.suffix
-    n = 1
+def _remove_sidecar(ctx, job: Job, rule: Rule, root: Path, side: Path) -> None:
+    """Remove the error file of an earlier failure (reached without links); forget it in the journal."""
+    base = Place.under(root, rule.failed_dir(root))
+    try:
+        rel = side.parent.relative_to(base.path)
+    except ValueError:
+        rel = None
+    if rel is not None:
+        try:
+            dfd = base.child(*rel.parts).open()
+        except OSError:
+            dfd = None
+        if dfd is not None:
+            try:
+                os.unlink(side.name, dir_fd=dfd)
+                log.info("%s: removed %s, the error of an earlier attempt", job.in_path, side)
+            except FileNotFoundError:
+                pass
+            finally:
+                os.close(dfd)
+    if job.sidecar:
+        ctx.journal.set_sidecar(job.id, None)
+
+
+def free_name(path: Path, reserved: set, dir_fd: int | None = None) -> Path:
+    """path, or path with -1, -2, … before the extension: the first name that is neither taken nor reserved.
+
+    Names are shortened to fit the file system's limit; with `dir_fd` (path's folder, open) names are
+    looked up in that folder without following links."""
+    limit = _name_max(dir_fd if dir_fd is not None else path.parent)
+    n = 0
     while True:
-        p = path.with_name(f"{stem}-{n}{suffix}")
-        if not os.path.lexists(p) and p not in reserved:
+        p = path.with_name(numbered(path.name, n, limit))
+        taken = safefs.exists(dir_fd, p.name) if dir_fd is not None else os.path.lexists(p)
+        if not taken and p not in reserved:
             return p
         n += 1
+
+
+def _name_max(folder) -> int:
+    from nst_core.images import name_max
+
+    return name_max(folder)
+
+
+def _identity_at(dir_fd: int, name: str) -> Identity | None:
+    try:
+        return Identity.of(os.lstat(name, dir_fd=dir_fd))
+    except OSError:
+        return None
 
 
 def _relative(path: Path, root: Path) -> Path:
@@ -432,28 +655,23 @@ def _relative(path: Path, root: Path) -> Path:
         return Path(path.name)
 
 
-def _move(src: Path, dest: Path) -> None:
-    try:
-        os.rename(src, dest)
-    except FileNotFoundError:
-        if os.path.lexists(src):
-            raise  # the destination folder went away
-        # moved meanwhile by another instance
-    except OSError as e:
-        if e.errno != 18:  # EXDEV: processed/ on another file system
-            raise
-        shutil.move(str(src), str(dest))
+def _renamed(e: ImageError, shown: Path, real: Path) -> ImageError:
+    """The same error, naming `real` where it named `shown` (a /proc/self/fd path)."""
+    message = e.message
+    prefix = f"{shown}: "
+    if message.startswith(prefix):
+        message = message[len(prefix):]
+    return ImageError(real, message.replace(str(shown), str(real)))
 
 
-def _refuse_escaping_link(path: Path, root: Path) -> None:
-    if not path.is_symlink():
-        return
-    target = os.path.realpath(path)
-    real_root = os.path.realpath(root)
-    if not (target == real_root or target.startswith(real_root.rstrip("/") + "/")):
-        raise ImageError(path, f"is a symbolic link to {target}, outside the watched folder {root}: refused")
+def folder_problem(folder: Path, e: OSError) -> FolderProblem:
+    if isinstance(e, LinkRefused):
+        return FolderProblem(f"{show(e.path)} {e.what} (remove it; to keep files on another disk, configure "
+                             "that folder's real path)")
+    return FolderProblem(f"cannot write in {show(folder)} ({e.strerror or e})")
 
 
 def _environmental(e: NSTError) -> bool:
     """Errors of the machine, not of the input: the job waits instead of failing."""
-    return isinstance(e, WeightsError) or (isinstance(e, DeviceError) and not isinstance(e, OutOfMemory))
+    return (isinstance(e, (WeightsError, FolderProblem)) or e.kind == "rule"
+            or (isinstance(e, DeviceError) and not isinstance(e, OutOfMemory)))

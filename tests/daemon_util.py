@@ -83,7 +83,7 @@ class Daemon:
     def start(self, wait_ready: bool = True, timeout: float = 120) -> "Daemon":
         self.proc = subprocess.Popen(
             self.prefix + [sys.executable, "-m", "daemon.main", "--config", str(self.config), *self.args],
-            cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+            cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, errors="backslashreplace")
         threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
         if wait_ready:
             self.wait_log("ready:", timeout)

@@ -1,4 +1,4 @@
-"""sd_notify over real datagram sockets, the journal on a real SQLite file, mount detection, settle."""
+"""sd_notify over real datagram sockets, the journal on a real SQLite file, mount detection (settle: test_daemon_settle)."""
 
 import os
 import socket
@@ -8,7 +8,7 @@ import time
 
 from daemon.journal import Identity, Journal
 from daemon.notify import Notifier
-from daemon.watch import Settler, fs_type, network_fs, parse_mountinfo
+from daemon.watch import fs_type, network_fs, parse_mountinfo
 from daemon.main import JournaldFormatter
 
 
@@ -129,51 +129,6 @@ def test_mountinfo_parsing_and_network_detection():
     assert all(network_fs(t) for t in ("nfs", "nfs4", "cifs", "smb3", "9p", "fuse.sshfs", "sshfs"))
     assert not any(network_fs(t) for t in ("ext4", "xfs", "btrfs", "tmpfs", "overlay"))
     assert fs_type("/proc/self") == "proc"  # the real /proc/self/mountinfo
-
-
-def test_settle_waits_for_unchanged_size_and_times(tmp_path):
-    s = Settler(0.6)
-    f = tmp_path / "a.jpg"
-    f.write_bytes(b"1")
-    s.add(f, "r", tmp_path)
-    assert s.ready() == []  # just written: its ctime is new
-    time.sleep(0.4)
-    with open(f, "ab") as h:
-        h.write(b"2")  # still growing
-    assert s.ready() == []
-    time.sleep(0.4)
-    assert s.ready() == []  # 0.4 s since the last change < 0.6
-    time.sleep(0.35)
-    ready = s.ready()
-    assert [p for p, _, _ in ready] == [f] and ready[0][2].st_size == 2
-    assert len(s) == 0
-
-
-def test_settle_takes_old_files_at_once_but_not_on_network_folders(tmp_path):
-    f = tmp_path / "old.jpg"
-    f.write_bytes(b"1")
-    past = time.time() - 100
-    os.utime(f, (past, past))
-    time.sleep(0.05)
-    s = Settler(0.5)
-    s.add(f, "r", tmp_path)
-    # utime itself changed the ctime: a settle interval must pass since then.
-    assert s.ready() == []
-    s2 = Settler(0.01)
-    time.sleep(0.05)
-    s2.add(f, "r", tmp_path)
-    assert len(s2.ready()) == 1  # ctime older than the interval: taken on first sight
-    s3 = Settler(0.01)
-    s3.add(f, "r", tmp_path)
-    assert s3.ready(trust_ctime=lambda root: False) == []  # network folder: two looks needed
-    time.sleep(0.02)
-    assert len(s3.ready(trust_ctime=lambda root: False)) == 1
-
-
-def test_settle_drops_vanished_files(tmp_path):
-    s = Settler(0)
-    s.add(tmp_path / "gone.jpg", "r", tmp_path)
-    assert s.ready() == [] and len(s) == 0
 
 
 def test_watchdog_is_fed_only_while_idle_or_progressing(tmp_path):
