@@ -194,3 +194,19 @@ def test_error_messages_say_what_to_do(plugin):
     assert "nst serve" in plugin.explain("unavailable", "the service closed the connection")
     event = {"step": 5, "total": 10, "level": 1, "levels": 2, "losses": {"total": 1234.5}, "eta": 2.2}
     assert plugin.progress_text(event) == "Neural Style: step 5/10 · level 1/2 · loss 1234 · 3 s left"
+
+
+def test_pixels_that_are_not_the_layers_are_caught(plugin):
+    gradient = bytes(v for i in range(256) for v in (i, 255 - i, 7))  # 256 RGB pixels, red 0…255
+    mean, std = plugin.red_stats(gradient, 3, 8)
+    assert mean == pytest.approx(0.5) and std == pytest.approx(0.2898, abs=1e-3)
+    # GIMP 3.0's histogram of the same pixels: 0…255 for 8-bit layers, 0…1 for deeper ones.
+    assert not plugin.pixels_disagree((mean, std), 127.5, 73.9)
+    assert not plugin.pixels_disagree((mean, std), 0.5, 0.29)
+    assert plugin.pixels_disagree(plugin.red_stats(bytes(len(gradient)), 3, 8), 127.5, 73.9)  # all zero
+    assert plugin.pixels_disagree(plugin.red_stats(bytes([128, 0, 0]) * 256, 3, 8), 127.5, 73.9)  # flat grey
+    # Alpha weighs as in GIMP: invisible pixels do not count; 16-bit samples are native-endian.
+    half = bytes([255, 0, 0, 255, 0, 0, 0, 0]) * 8
+    assert plugin.red_stats(half, 4, 8) == (1.0, 0.0)
+    deep = b"".join(v.to_bytes(2, sys.byteorder) for i in range(256) for v in (i * 257, 0, 0))
+    assert plugin.red_stats(deep, 3, 16)[0] == pytest.approx(0.5)

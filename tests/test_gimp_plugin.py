@@ -23,15 +23,19 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from gimp_plugin import installer
 from nst_core.service.client import ServiceClient
+from service_recorder import RecordingProxy
 
 pytestmark = pytest.mark.gimp
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "gimp3"
+SAMPLES = REPO / "nst_core" / "samples"
 CHROOT = Path(os.environ.get("NST_GIMP3_CHROOT", "/var/cache/nst-gimp3"))
 ARTIFACTS = REPO / "test-artifacts"
 SENTINEL = "NST_GIMP_TEST_DONE"
@@ -61,6 +65,8 @@ def workdir():
     path = Path(tempfile.mkdtemp(prefix="nstgimp-", dir="/tmp"))
     path.chmod(0o755)
     (path / "helper.py").write_text(HELPER)
+    for name in ("chelsea.png", "gravel.png"):  # the package's own samples: a photo and a texture
+        shutil.copy(SAMPLES / name, path / name)
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
@@ -89,9 +95,17 @@ def service(workdir):
 
 
 @pytest.fixture(scope="module")
-def profile(chroot, workdir, service):
+def recorder(workdir, service):
+    """The plug-in's way to the service: a proxy that records what the service receives."""
+    proxy = RecordingProxy(str(workdir / "proxy" / "nst.sock"), service.socket_path)
+    yield proxy
+    proxy.close()
+
+
+@pytest.fixture(scope="module")
+def profile(chroot, workdir, recorder):
     """A GIMP profile with the plug-in installed by the installer, pointed at the host service."""
-    folder = installer.install(workdir / "gimp" / "plug-ins", socket=service.socket_path)[0]
+    folder = installer.install(workdir / "gimp" / "plug-ins", socket=recorder.socket_path)[0]
     assert os.access(folder / "neural-style.py", os.X_OK)
     return workdir / "gimp"
 
@@ -219,6 +233,17 @@ def wait_cancelled(service: ServiceClient, before: dict, timeout: float = 20.0) 
         time.sleep(0.2)
 
 
+def correlation(received, reference: Path) -> float:
+    """Pearson correlation of the RGB samples of `received` (H×W×C) with the image file `reference`
+    shrunk to the same size: near 1 when the service got that picture, at any working size."""
+    ref = Image.open(reference).convert("RGB").resize((received.shape[1], received.shape[0]), Image.BOX)
+    a = np.asarray(ref, dtype=np.float64).ravel()
+    b = received[..., :3].astype(np.float64).ravel()
+    if b.std() == 0 or a.std() == 0:
+        return 0.0
+    return float(np.corrcoef(a, b)[0, 1])
+
+
 # ---- console tests ------------------------------------------------------------------------------
 
 
@@ -234,6 +259,34 @@ def test_gimp_lists_the_procedure_under_filters(workdir, profile):
     assert r["label"] == "Neural Style…"
     assert {"style-source", "style-file", "style-layer", "strength", "preserve-color", "style-scale", "quality",
             "output", "device", "seed"} <= set(r["args"])
+
+
+def test_the_service_receives_the_photo_and_the_style_without_the_dialog(workdir, profile, recorder):
+    """Scripts, batch runs (NONINTERACTIVE): the layer and the style file, larger than the working size."""
+    seen = len(recorder.jobs)
+    _, records = run_gimp(workdir, profile, '''
+        img = Gimp.file_load(Gimp.RunMode.NONINTERACTIVE, Gio.File.new_for_path(WORK + "/chelsea.png"))
+        layer = img.get_layers()[0]
+        Gimp.file_save(Gimp.RunMode.NONINTERACTIVE, img, Gio.File.new_for_path(WORK + "/chelsea-layer.png"), None)
+        status, message = run_ns(img, layer, style_source="file", style_file=Gio.File.new_for_path(WORK + "/gravel.png"),
+                                 size=64)
+        emit(step="run", status=status, message=message, size=[layer.get_width(), layer.get_height()])
+        _, style = checker(name="style-layer")
+        status, message = run_ns(img, layer, style_source="layer", style_layer=style, size=64)
+        emit(step="layer", status=status, message=message)
+    ''', name="received")
+    for step in ("run", "layer"):
+        r = one(records, step)
+        assert r["status"] == "success", r["message"]
+    assert one(records, "run")["size"] == [451, 300]
+    file_job, layer_job = recorder.since(seen)
+    content, style = file_job.images()
+    assert content.shape[:2] == (43, 64) and max(style.shape[:2]) == 64  # shrunk to the working size
+    assert correlation(content, workdir / "chelsea-layer.png") > 0.9
+    assert correlation(style, workdir / "gravel.png") > 0.9
+    content, style = layer_job.images()
+    assert correlation(content, workdir / "chelsea-layer.png") > 0.9
+    assert style.shape[:2] == (40, 40) and style[..., :3].std() > 50  # the 40 px checker, as it is
 
 
 def test_feathered_selection_gives_a_new_layer_above_that_blends(workdir, profile):
@@ -386,12 +439,14 @@ def test_killing_the_plugin_as_gimp_cancels_it_cancels_the_job(workdir, profile,
 # ---- GUI tests (gimp-3.0 under Xvfb) --------------------------------------------------------------
 
 
-def test_dialog_screenshot_and_last_values(workdir, profile):
+def test_dialog_screenshot_and_last_values(workdir, profile, recorder):
+    """Through the dialog (INTERACTIVE) and Filters → Repeat (WITH_LAST_VALS): the service receives the photo."""
     shot = workdir / "dialog.png"
+    seen = len(recorder.jobs)
     _, records = run_gimp(workdir, profile, f'''
-        img, layer = make_image(320, 240)
-        simg, _ = checker()
-        Gimp.file_save(Gimp.RunMode.NONINTERACTIVE, simg, Gio.File.new_for_path(WORK + "/style.png"), None)
+        img = Gimp.file_load(Gimp.RunMode.NONINTERACTIVE, Gio.File.new_for_path(WORK + "/chelsea.png"))
+        layer = img.get_layers()[0]
+        Gimp.file_save(Gimp.RunMode.NONINTERACTIVE, img, Gio.File.new_for_path(WORK + "/dialog-layer.png"), None)
         Gimp.Display.new(img)
         Gimp.displays_flush()
         def dialog(*helper_args, **args):
@@ -401,14 +456,16 @@ def test_dialog_screenshot_and_last_values(workdir, profile):
             return status, message, seen
         status, message, seen = dialog("dialog", "escape", {str(shot)!r})
         emit(step="escape", status=status, message=message, dialog=seen, layers=len(img.get_layers()))
-        before = pixels(layer)
+        before = pixels(layer, alpha=False)
         status, message, seen = dialog("dialog", "alt+o", style_source="file", output="in-place",
-                                       style_file=Gio.File.new_for_path(WORK + "/style.png"))
-        after = pixels(layer)
+                                       style_file=Gio.File.new_for_path(WORK + "/gravel.png"))
+        after = pixels(layer, alpha=False)
         emit(step="ok", status=status, message=message, layers=len(img.get_layers()), changed=after != before)
+        Gimp.file_save(Gimp.RunMode.NONINTERACTIVE, img, Gio.File.new_for_path(WORK + "/dialog-after.png"), None)
         # No arguments: GIMP supplies the values of the last interactive run (defaults would need ImageNet weights).
         status, message = run_ns(img, layer, run_mode=Gimp.RunMode.WITH_LAST_VALS, job=False)
-        emit(step="last", status=status, message=message, layers=len(img.get_layers()), changed=pixels(layer) != after)
+        emit(step="last", status=status, message=message, layers=len(img.get_layers()),
+             changed=pixels(layer, alpha=False) != after)
     ''', gui=True, name="dialog")
     r = one(records, "escape")
     assert r["dialog"]["title"] == "Neural Style" and r["dialog"]["width"] > 300 and r["dialog"]["height"] > 300
@@ -420,6 +477,13 @@ def test_dialog_screenshot_and_last_values(workdir, profile):
     assert r["status"] == "success" and r["layers"] == 1 and r["changed"], r["message"]  # OK ran it, in place
     r = one(records, "last")
     assert r["status"] == "success" and r["layers"] == 1 and r["changed"], r["message"]
+    # What the service received, in both run modes: the layer as it was then, and the style file.
+    ok_job, last_job = recorder.since(seen)
+    for job, layer_file in ((ok_job, "dialog-layer.png"), (last_job, "dialog-after.png")):
+        content, style = job.images()
+        assert max(content.shape[:2]) == JOB["size"] and max(style.shape[:2]) == JOB["size"]
+        assert correlation(content, workdir / layer_file) > 0.9, layer_file
+        assert correlation(style, workdir / "gravel.png") > 0.9
 
 
 def test_one_undo_step_removes_the_result(workdir, profile):

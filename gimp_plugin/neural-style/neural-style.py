@@ -109,6 +109,34 @@ def swap16(data: bytes) -> bytes:
     return bytes(out)
 
 
+def red_stats(data: bytes, channels: int, bit_depth: int, max_pixels: int = 65536) -> tuple[float, float]:
+    """(mean, standard deviation) of the red samples in [0, 1], weighted by alpha as GIMP's histogram
+    weighs them, over at most `max_pixels` evenly spaced pixels of interleaved native-endian data."""
+    samples = memoryview(data).cast("H") if bit_depth == 16 else memoryview(data)
+    top = 65535.0 if bit_depth == 16 else 255.0
+    n = len(samples) // channels
+    step = max(1, n // max_pixels)
+    total = acc = acc2 = 0.0
+    for i in range(0, n * channels, step * channels):
+        weight = samples[i + 3] / top if channels == 4 else 1.0
+        v = samples[i] / top
+        total += weight
+        acc += weight * v
+        acc2 += weight * v * v
+    if total == 0:
+        return 0.0, 0.0
+    mean = acc / total
+    return mean, math.sqrt(max(0.0, acc2 / total - mean * mean))
+
+
+def pixels_disagree(ours: tuple[float, float], gimp_mean: float, gimp_std: float, tolerance: float = 0.05) -> bool:
+    """True when the red channel's mean or spread that the plug-in read is obviously not GIMP's own
+    histogram of the same pixels. GIMP 3.0 reports 8-bit histograms on 0…255 and deeper ones on 0…1,
+    so either reading of its numbers that matches will do."""
+    return all(abs(ours[0] - gimp_mean / unit) > tolerance or abs(ours[1] - gimp_std / unit) > tolerance
+               for unit in (255.0, 1.0))
+
+
 def progress_text(event: dict) -> str:
     step, total = event.get("step", 0), event.get("total", 0)
     parts = [f"Neural Style: step {step}/{total}"]
@@ -176,17 +204,39 @@ def _define_plugin():
         return f"R'G'B'{'A' if channels == 4 else ''} u{bit_depth}"
 
     def read_pixels(drawable, x, y, w, h, longest, channels, bit_depth):
-        """A region of `drawable` as a RawImage, shrunk (box filter) to at most `longest` pixels."""
+        """A region of `drawable` as a RawImage, shrunk to at most `longest` pixels by GIMP itself.
+
+        The plug-in reads only at scale 1: a scaled `GeglBuffer.get` returns zeros unless GEGL is
+        initialised in this process (GimpUi.init does it, so only runs without the dialog were hit).
+        GIMP crops and scales a copy in a scratch image, and its histogram of that copy checks
+        that the bytes that arrived here are those pixels.
+        """
         import nst_client
         sw, sh, scale = scaled_dims(w, h, longest)
-        if scale < 1.0:
-            rect = Gegl.Rectangle.new(math.floor(x * scale), math.floor(y * scale), sw, sh)
-        else:
-            rect = Gegl.Rectangle.new(x, y, w, h)
-        data = drawable.get_buffer().get(rect, scale, fmt_name(channels, bit_depth), Gegl.AbyssPolicy.CLAMP)
+        fmt = fmt_name(channels, bit_depth)
+        precision = Gimp.Precision.U16_NON_LINEAR if bit_depth == 16 else Gimp.Precision.U8_NON_LINEAR
+        tmp = Gimp.Image.new_with_precision(w, h, Gimp.ImageBaseType.RGB, precision)
+        try:
+            tmp.undo_disable()
+            copy = Gimp.Layer.new_from_drawable(drawable, tmp)
+            tmp.insert_layer(copy, None, 0)
+            copy.resize(w, h, -x, -y)
+            copy.set_offsets(0, 0)
+            if scale < 1.0:
+                Gimp.context_push()
+                Gimp.context_set_interpolation(Gimp.InterpolationType.LOHALO)  # GIMP's choice for shrinking
+                copy.scale(sw, sh, False)
+                Gimp.context_pop()
+            data = bytes(copy.get_buffer().get(Gegl.Rectangle.new(0, 0, sw, sh), 1.0, fmt, Gegl.AbyssPolicy.CLAMP))
+            _, mean, std, *_ = copy.histogram(Gimp.HistogramChannel.RED, 0.0, 1.0)
+        finally:
+            tmp.delete()
+        if pixels_disagree(red_stats(data, channels, bit_depth), mean, std):
+            raise UserError(f"GIMP handed the plug-in pixels of {drawable.get_name()!r} that are not the layer's "
+                            "(a GIMP or GEGL problem); nothing was sent. Please report this with GIMP's version.")
         if bit_depth == 16 and sys.byteorder == "big":
             data = swap16(data)
-        return nst_client.RawImage(sw, sh, channels, bit_depth, bytes(data))
+        return nst_client.RawImage(sw, sh, channels, bit_depth, data)
 
     def fit_result(result, w, h, fmt):
         """The result's pixels at w×h in babl format `fmt`, scaled by GIMP (cubic) when needed."""
@@ -447,6 +497,8 @@ def _define_plugin():
             return proc
 
         def run(self, procedure, run_mode, image, drawables, config, data):
+            Gegl.init(None)  # GimpUi.init does it for the dialog; without the dialog nobody else does
+
             def fail(message, status=Gimp.PDBStatusType.EXECUTION_ERROR):
                 return procedure.new_return_values(status, GLib.Error.new_literal(Gimp.PlugIn.error_quark(), message, 0))
 
