@@ -1,6 +1,7 @@
 """The GIMP plug-in's installer (`nst gimp install|uninstall`) and the plug-in's GIMP-free helpers.
 
-Fast and GIMP-free: real files in temporary folders, the real `nst` argument parser. The plug-in
+Fast and GIMP-free: real files in temporary folders, the real `nst` argument parser, and the
+plug-in's helper module (nst_plugin_helpers.py) imported as the plug-in imports it. The plug-in
 itself runs in the real GIMP 3 in tests/test_gimp_plugin.py (marked gimp).
 """
 
@@ -21,13 +22,14 @@ from nst_core.params import StyleParams
 
 REPO = Path(__file__).resolve().parents[1]
 PLUGIN = REPO / "gimp_plugin" / "neural-style" / "neural-style.py"
+HELPERS = PLUGIN.with_name("nst_plugin_helpers.py")
 CLIENT = REPO / "nst_core" / "service" / "client.py"
 
 
 @pytest.fixture(scope="module")
 def plugin():
-    """The plug-in file as a module (it imports gi only when GIMP runs it)."""
-    spec = importlib.util.spec_from_file_location("neural_style_plugin", PLUGIN)
+    """The plug-in's GIMP-free helpers, loaded from their file as GIMP's Python loads them."""
+    spec = importlib.util.spec_from_file_location("nst_plugin_helpers", HELPERS)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -39,6 +41,7 @@ def test_install_copies_the_plugin_makes_it_executable_and_records_python(tmp_pa
     assert folder == dest / "neural-style"
     assert (folder / "neural-style.py").read_bytes() == PLUGIN.read_bytes()
     assert os.access(folder / "neural-style.py", os.X_OK)
+    assert (folder / "nst_plugin_helpers.py").read_bytes() == HELPERS.read_bytes()
     assert (folder / "nst_client.py").read_bytes() == CLIENT.read_bytes()
     settings = json.loads((folder / "nst-plugin.json").read_text())
     assert settings == {"python": sys.executable, "socket": None}
@@ -63,7 +66,7 @@ def test_install_again_upgrades_in_place(tmp_path, capsys):
                                                                      "socket": "/run/nst/nst.sock"}
     assert "Upgraded" in capsys.readouterr().out
     assert sorted(p.name for p in folder.iterdir()) == ["neural-style.py", "nst-plugin.json", "nst_client.py",
-                                                        "user-notes.txt"]
+                                                        "nst_plugin_helpers.py", "user-notes.txt"]
 
 
 def test_uninstall_removes_only_the_plugins_files(tmp_path, capsys):
@@ -113,16 +116,29 @@ def test_nst_gimp_install_and_uninstall_commands(tmp_path, monkeypatch, capsys):
     assert e.value.code == 2
 
 
-@pytest.mark.parametrize("path", [PLUGIN, CLIENT], ids=["plugin", "client"])
-def test_plugin_side_never_imports_torch_numpy_or_pillow(path):
-    tree = ast.parse(path.read_text())
+def imported(path: Path) -> set[str]:
     names = set()
-    for node in ast.walk(tree):
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
             names.add(node.module.split(".")[0])
-    assert not names & {"torch", "torchvision", "numpy", "PIL", "nst_core"}
+    return names
+
+
+@pytest.mark.parametrize("path", [PLUGIN, HELPERS, CLIENT], ids=["plugin", "helpers", "client"])
+def test_plugin_side_never_imports_torch_numpy_or_pillow(path):
+    assert not imported(path) & {"torch", "torchvision", "numpy", "PIL", "nst_core"}
+
+
+def test_the_plugin_is_gimps_shape_and_its_helpers_need_no_gimp():
+    """A Gimp.PlugIn subclass at module level, as GIMP's plug-ins/python/*.py; the helpers import no gi."""
+    tree = ast.parse(PLUGIN.read_text())
+    classes = [n for n in tree.body if isinstance(n, ast.ClassDef)]
+    assert [ast.unparse(b) for c in classes for b in c.bases] == ["Gimp.PlugIn"]
+    assert ast.unparse(tree.body[-1]) == "Gimp.main(NeuralStyle.__gtype__, sys.argv)"
+    assert "nst_plugin_helpers" in imported(PLUGIN)
+    assert imported(HELPERS) <= set(sys.stdlib_module_names) | {"__future__"}
 
 
 def test_every_plugin_setting_makes_valid_engine_params(plugin):
