@@ -154,11 +154,30 @@ def test_every_plugin_setting_makes_valid_engine_params(plugin):
                     assert sp.ratio == pytest.approx(10.0 ** -(strength + 1))
                     if quality == "custom":
                         assert (sp.size, sp.iterations) == (64, 7)
+                    elif quality == "full":  # the area's own longest side
+                        assert (sp.size, sp.iterations) == (5000, plugin.QUALITY_PRESETS["full"][2])
                     else:
                         assert (sp.size, sp.iterations) == plugin.QUALITY_PRESETS[quality][1:]
     p = plugin.build_params(quality="custom", custom_size=64, custom_iterations=7, strength=2, preserve_color="none",
                             style_scale=1, seed=0, device="gpu", weights=" ", region_w=10, region_h=30)
     assert "weights" not in p and p["size"] == 30  # no upscaling of a small area
+
+
+def test_full_resolution_is_the_areas_own_size(plugin):
+    """Full resolution (or Custom with size 0) sends the area's longest side: no small result scaled up."""
+    common = dict(custom_iterations=7, strength=2, preserve_color="none", style_scale=1, seed=0, device="cpu",
+                  weights="random")
+    for w, h in ((6000, 4000), (300, 4500), (17, 16)):
+        full = plugin.build_params(quality="full", custom_size=512, region_w=w, region_h=h, **common)
+        custom = plugin.build_params(quality="custom", custom_size=plugin.OWN_SIZE, region_w=w, region_h=h, **common)
+        assert full["size"] == custom["size"] == max(w, h)
+        assert StyleParams.from_mapping(full).size == max(w, h)
+    high = plugin.build_params(quality="high", custom_size=0, region_w=6000, region_h=4000, **common)
+    assert high["size"] == 1024
+    assert plugin.label("full") == "Full resolution (the area's own size, 500 steps)"
+    assert plugin.label("standard") == "Standard (512 px, 300 steps)"
+    # Previews: the working size, at most PREVIEW_MAX_SIDE (GIMP scales them onto the layer).
+    assert plugin.preview_side(6000) == plugin.PREVIEW_MAX_SIDE and plugin.preview_side(300) == 300
     assert plugin.device_name("gpu", "darwin") == "mps" and plugin.device_name("gpu", "linux") == "cuda"
 
 
@@ -210,6 +229,14 @@ def test_error_messages_say_what_to_do(plugin):
     assert "nst serve" in plugin.explain("unavailable", "the service closed the connection")
     event = {"step": 5, "total": 10, "level": 1, "levels": 2, "losses": {"total": 1234.5}, "eta": 2.2}
     assert plugin.progress_text(event) == "Neural Style: step 5/10 · level 1/2 · loss 1234 · 3 s left"
+
+
+def test_progress_says_which_level_and_tile(plugin):
+    event = {"step": 40, "total": 500, "level": 3, "levels": 4, "tile": 7, "tiles": 12, "eta": None}
+    assert plugin.progress_text(event) == "Neural Style: step 40/500 · level 3/4 · tile 7/12"
+    one_tile = {"step": 40, "total": 500, "level": 1, "levels": 1, "tile": 1, "tiles": 1}
+    assert plugin.progress_text(one_tile) == "Neural Style: step 40/500"
+    assert plugin.progress_text({"step": 1, "total": 2, "levels": None, "tiles": None}) == "Neural Style: step 1/2"
 
 
 def test_pixels_that_are_not_the_layers_are_caught(plugin):

@@ -9,7 +9,9 @@ neural-style/neural-style.py with nst_plugin_helpers.py (its GIMP-free part), ns
 nst-plugin.json beside it.
 
 GIMP 3.0 cancels a plug-in (the × beside its progress bar) by killing its process; the service
-cancels a job whose connection closes, so cancelling in GIMP stops the job in the service.
+cancels a job whose connection closes, so cancelling in GIMP stops the job in the service. The job
+runs in a second process of this plug-in (see `run`), so that the first one can take the preview
+layer away again and leave the image as it was.
 """
 
 import math
@@ -27,9 +29,9 @@ from gi.repository import Gegl, Gimp, GimpUi, GLib, GObject  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.realpath(__file__)))  # nst_plugin_helpers, nst_client
 from nst_plugin_helpers import (  # noqa: E402
-    HERE, MENU_PATH, PROC_NAME, QUALITY_PRESETS, START, STRENGTH_MAX, STRENGTH_MIN, UserError, build_params,
-    choose_socket, explain, keep_alpha, pixels_disagree, progress_text, read_settings, red_stats, scaled_dims,
-    swap16)
+    HERE, JOB_PROC_NAME, MENU_PATH, OWN_SIZE, PREVIEW_INTERVAL, PROC_NAME, QUALITY_PRESETS, START, STRENGTH_MAX,
+    STRENGTH_MIN, UserError, build_params, choose_socket, explain, keep_alpha, label, pixels_disagree,
+    preview_side, progress_text, read_settings, red_stats, scaled_dims, swap16)
 
 
 def fmt_name(channels: int, bit_depth: int) -> str:
@@ -149,40 +151,54 @@ def connect(config, settings):
     return probe
 
 
-def stylize(image, drawable, config):
-    """Run the job; on success write the result (new layer or in place) as one undo step.
+def stylize(drawable, config, preview_layer, result_layer) -> str | None:
+    """Run the job in the service and put its result, at the area's size, into `result_layer`;
+    draw the previews the service sends on `preview_layer` (when there is one). Returns the
+    service's note on the weights (None for ImageNet's).
 
-    8-bit images travel as 8-bit, all others as 16-bit (the protocol's deepest); the image is
-    left untouched until the service has answered, so a cancel or an error changes nothing.
+    8-bit images travel as 8-bit, all others as 16-bit (the protocol's deepest).
     """
     import nst_client
     settings = read_settings()
-    ok, x, y, w, h = drawable.mask_intersect()
-    if not ok or w < 1 or h < 1:
-        raise UserError("The selection does not touch this layer: select an area on it, or Select → None.")
-    high = image.get_precision() not in (Gimp.Precision.U8_LINEAR, Gimp.Precision.U8_NON_LINEAR,
-                                         Gimp.Precision.U8_PERCEPTUAL)
-    bit_depth = 16 if high else 8
+    _, x, y, w, h = drawable.mask_intersect()
+    bit_depth = 16 if high_precision(drawable.get_image()) else 8
     channels = 4 if drawable.has_alpha() else 3
     fmt = fmt_name(channels, bit_depth)
-    quality = config.get_property("quality")
     params = build_params(
-        quality=quality, custom_size=config.get_property("size"),
+        quality=config.get_property("quality"), custom_size=config.get_property("size"),
         custom_iterations=config.get_property("iterations"), strength=config.get_property("strength"),
         preserve_color=config.get_property("preserve-color"), style_scale=config.get_property("style-scale"),
         seed=config.get_property("seed"), device=config.get_property("device"),
         weights=config.get_property("weights") or "", region_w=w, region_h=h)
-    if max(w, h) < 16:
-        raise UserError("The area to stylise is smaller than 16 pixels; select a larger area.")
 
     Gimp.progress_init("Neural Style: connecting to the service…")
     client = connect(config, settings)
     style = style_image(config, max(16, math.ceil(params["size"] * params["style_scale"])))
     content = read_pixels(drawable, x, y, w, h, params["size"], channels, bit_depth)
+    original = None
+    if channels == 4:  # the result keeps the layer's own alpha, exactly
+        original = drawable.get_buffer().get(Gegl.Rectangle.new(x, y, w, h), 1.0, fmt, Gegl.AbyssPolicy.CLAMP)
+
+    def finished(raw):
+        pixels = fit_result(raw, w, h, fmt)
+        return keep_alpha(pixels, original, bit_depth // 8) if original is not None else pixels
 
     last = [0.0]
+    next_preview = [0.0]
 
     def on_progress(event):
+        preview = event.get("preview")
+        if (preview is not None and preview_layer is not None and time.monotonic() >= next_preview[0]
+                and preview_layer.is_valid()):
+            started = time.monotonic()
+            shadow = preview_layer.get_shadow_buffer()
+            shadow.set(Gegl.Rectangle.new(x, y, w, h), fmt, finished(preview))
+            shadow.flush()
+            preview_layer.merge_shadow(False)  # no undo: the layer goes when the job ends
+            preview_layer.update(x, y, w, h)
+            Gimp.displays_flush()
+            # GIMP spends at most a quarter of its time on previews of a large area.
+            next_preview[0] = time.monotonic() + 3 * (time.monotonic() - started)
         now = time.monotonic()
         if now - last[0] < 0.1 and event.get("step") != event.get("total"):
             return
@@ -200,24 +216,77 @@ def stylize(image, drawable, config):
     Gimp.progress_set_text("Neural Style: sending the job…")
     try:
         result = client.stylize(content, [style], params, priority="interactive",
-                                on_progress=on_progress, on_status=on_status)
+                                on_progress=on_progress, on_status=on_status,
+                                preview=preview_side(params["size"]) if preview_layer is not None else None,
+                                preview_interval=PREVIEW_INTERVAL)
     except nst_client.ServiceError as e:
         raise UserError(explain(e.kind, e.message)) from None
     Gimp.progress_set_text("Neural Style: writing the result…")
     Gimp.progress_update(1.0)
+    buf = result_layer.get_buffer()
+    buf.set(Gegl.Rectangle.new(0, 0, w, h), fmt, finished(result))
+    buf.flush()
+    return result.info.get("weights_note")
 
-    original = drawable.get_buffer().get(Gegl.Rectangle.new(x, y, w, h), 1.0, fmt, Gegl.AbyssPolicy.CLAMP)
-    pixels = fit_result(result, w, h, fmt)
-    if channels == 4:
-        pixels = keep_alpha(pixels, original, bit_depth // 8)
 
+def high_precision(image) -> bool:
+    return image.get_precision() not in (Gimp.Precision.U8_LINEAR, Gimp.Precision.U8_NON_LINEAR,
+                                         Gimp.Precision.U8_PERCEPTUAL)
+
+
+def show_preview(image, drawable):
+    """A copy of the layer above it, for the previews, added with the image's undo frozen: it never
+    enters the undo history, and `end_preview` leaves the image as it was."""
+    state = image.is_dirty(), image.get_selected_layers()
+    image.undo_freeze()
+    layer = drawable.copy()
+    layer.set_name(f"{drawable.get_name()} (Neural Style preview)")
+    image.insert_layer(layer, drawable.get_parent(), image.get_item_position(drawable))
+    Gimp.displays_flush()
+    return layer, state
+
+
+def end_preview(image, layer, state) -> None:
+    if not image.is_valid():  # closed during the run
+        return
+    if layer.is_valid():
+        image.remove_layer(layer)
+    image.undo_thaw()
+    was_dirty, selected = state
+    image.set_selected_layers([item for item in selected if item.is_valid()])
+    if not was_dirty:  # GIMP counts changes made with undo frozen as edits
+        image.clean_all()
+    Gimp.displays_flush()
+
+
+def run_job(procedure, config, image, drawable, preview_layer, result_layer):
+    """Run JOB_PROC_NAME with this run's settings; (status, weights note or error message)."""
+    job = Gimp.get_pdb().lookup_procedure(JOB_PROC_NAME)
+    cfg = job.create_config()
+    cfg.set_property("run-mode", Gimp.RunMode.NONINTERACTIVE)
+    cfg.set_property("image", image)
+    cfg.set_core_object_array("drawables", [drawable])
+    for spec in procedure.get_arguments():
+        if spec.name not in ("run-mode", "image", "drawables"):
+            cfg.set_property(spec.name, config.get_property(spec.name))
+    cfg.set_property("preview-layer", preview_layer)
+    cfg.set_property("result-layer", result_layer)
+    values = job.run(cfg)
+    text = values.index(1) if values.length() > 1 else None
+    return values.index(0), text if isinstance(text, str) else ""
+
+
+def put_result(image, drawable, x, y, w, h, result_layer, output, note) -> None:
+    """The result onto a new layer above the active one, or into it, as one undo step; a
+    selection (feathered or not) masks it as GIMP's own filters are masked."""
+    fmt = fmt_name(4 if drawable.has_alpha() else 3, 16 if high_precision(image) else 8)
+    pixels = result_layer.get_buffer().get(Gegl.Rectangle.new(0, 0, w, h), 1.0, fmt, Gegl.AbyssPolicy.CLAMP)
     image.undo_group_start()
     try:
         target = drawable
-        if config.get_property("output") == "new-layer":
+        if output == "new-layer":
             target = drawable.copy()
-            note = ", random weights" if result.info.get("weights_note") else ""
-            target.set_name(f"{drawable.get_name()} (Neural Style{note})")
+            target.set_name(f"{drawable.get_name()} (Neural Style{', random weights' if note else ''})")
             image.insert_layer(target, drawable.get_parent(), image.get_item_position(drawable))
         shadow = target.get_shadow_buffer()
         shadow.set(Gegl.Rectangle.new(x, y, w, h), fmt, pixels)
@@ -227,7 +296,6 @@ def stylize(image, drawable, config):
     finally:
         image.undo_group_end()
     Gimp.displays_flush()
-    return result
 
 
 def dialog(procedure, config) -> bool:
@@ -282,13 +350,13 @@ def add_arguments(proc) -> None:
         "style-scale", "Style sc_ale",
         "Size of the style's brush strokes: the style image is resized to this times the working size",
         0.1, 8.0, START["style_scale"], flags)
-    presets = "; ".join(f"{label}: {size} px, {steps} steps" for label, size, steps in QUALITY_PRESETS.values())
     proc.add_choice_argument(
         "quality", "_Quality",
-        f"Working size (longest side, never more than the area's) and optimiser steps. {presets}; "
-        "Custom: Size and Iterations under Advanced",
-        choice(*[(k, f"{label} ({size} px, {steps} steps)", f"{size} px, {steps} steps")
-                 for k, (label, size, steps) in QUALITY_PRESETS.items()],
+        "Working size (longest side, never more than the area's) and optimiser steps: "
+        f"{'; '.join(label(k) for k in QUALITY_PRESETS)}; Custom: Size and Iterations under Advanced. "
+        "Full resolution stylises the layer (or selection) at its own size instead of scaling a smaller "
+        "result up",
+        choice(*[(k, label(k), label(k)) for k in QUALITY_PRESETS],
                ("custom", "Custom", "Size and Iterations under Advanced")),
         "standard", flags)
     proc.add_choice_argument(
@@ -297,7 +365,8 @@ def add_arguments(proc) -> None:
                ("in-place", "Replace pixels", "Replace the active layer's pixels")),
         "new-layer", flags)
     proc.add_int_argument(
-        "size", "Si_ze", "Custom quality: longest side of the working image in pixels", 16, 4096, 512, flags)
+        "size", "Si_ze", "Custom quality: longest side of the working image in pixels; 0: the area's own size "
+        "(full resolution)", OWN_SIZE, 16384, 512, flags)
     proc.add_int_argument(
         "iterations", "_Iterations", "Custom quality: optimiser steps", 1, 5000, 300, flags)
     proc.add_choice_argument(
@@ -316,12 +385,19 @@ def add_arguments(proc) -> None:
         "The service's socket. Empty: $NST_SOCKET, the installer's setting, or the default path", "", flags)
 
 
+def failure(procedure, message, status=Gimp.PDBStatusType.EXECUTION_ERROR):
+    return procedure.new_return_values(status, GLib.Error.new_literal(Gimp.PlugIn.error_quark(), message, 0))
+
+
 def run(procedure, run_mode, image, drawables, config, data):
+    """Filters → Artistic → Neural Style…: check, ask (INTERACTIVE), run the job, put the result.
+
+    GIMP 3.0 cancels a plug-in by killing its process, which then cannot tidy up. So the job runs
+    in a second process of this plug-in (JOB_PROC_NAME, called through the PDB): GIMP's Cancel ends
+    that one, and this one takes the preview layer away and leaves the image as it was.
+    Interactive runs and Filters → Repeat show previews; scripts (NONINTERACTIVE) do not.
+    """
     Gegl.init(None)  # GimpUi.init does it for the dialog; without the dialog nobody else does
-
-    def fail(message, status=Gimp.PDBStatusType.EXECUTION_ERROR):
-        return procedure.new_return_values(status, GLib.Error.new_literal(Gimp.PlugIn.error_quark(), message, 0))
-
     try:
         if len(drawables) != 1:
             raise UserError("Select exactly one layer for Neural Style.")
@@ -334,49 +410,107 @@ def run(procedure, run_mode, image, drawables, config, data):
             raise UserError("Neural Style works on a layer: select a layer (not a mask, channel or group).")
         if run_mode == Gimp.RunMode.INTERACTIVE and not dialog(procedure, config):
             return procedure.new_return_values(Gimp.PDBStatusType.CANCEL, None)
+        ok, x, y, w, h = drawable.mask_intersect()
+        if not ok or w < 1 or h < 1:
+            raise UserError("The selection does not touch this layer: select an area on it, or Select → None.")
+        if max(w, h) < 16:
+            raise UserError("The area to stylise is smaller than 16 pixels; select a larger area.")
+        scratch = Gimp.Image.new_with_precision(w, h, Gimp.ImageBaseType.RGB, image.get_precision())
+        try:
+            scratch.undo_disable()
+            kind = Gimp.ImageType.RGBA_IMAGE if drawable.has_alpha() else Gimp.ImageType.RGB_IMAGE
+            result_layer = Gimp.Layer.new(scratch, "result", w, h, kind, 100.0, Gimp.LayerMode.NORMAL)
+            scratch.insert_layer(result_layer, None, 0)
+            preview = None
+            if run_mode != Gimp.RunMode.NONINTERACTIVE:
+                preview, state = show_preview(image, drawable)
+            try:
+                status, text = run_job(procedure, config, image, drawable, preview, result_layer)
+            finally:
+                if preview is not None:
+                    end_preview(image, preview, state)
+            if status == Gimp.PDBStatusType.CANCEL:
+                return procedure.new_return_values(status, None)
+            if status != Gimp.PDBStatusType.SUCCESS:
+                return failure(procedure, text or "The Neural Style job ended without an answer.", status)
+            put_result(image, drawable, x, y, w, h, result_layer, config.get_property("output"), text)
+        finally:
+            scratch.delete()
+    except UserError as e:
+        return failure(procedure, str(e))
+    except Exception as e:  # a bug: a message for the user, the traceback on stderr
+        traceback.print_exc()
+        return failure(procedure, f"Neural Style failed unexpectedly: {e}\n\n"
+                                  "Please report this with GIMP's error console output.")
+    if text:
+        Gimp.message(f"Neural Style: {text}")
+    return procedure.new_return_values(Gimp.PDBStatusType.SUCCESS, None)
+
+
+def run_job_procedure(procedure, run_mode, image, drawables, config, data):
+    """JOB_PROC_NAME: the job itself, in a process that GIMP's Cancel may kill at any moment."""
+    Gegl.init(None)
+    try:
         try:
             import nst_client
             del nst_client
         except ImportError:
             raise UserError(f"nst_client.py is missing beside the plug-in in {HERE}. "
                             "Run `nst gimp install` again.") from None
-        result = stylize(image, drawable, config)
+        note = stylize(drawables[0], config, config.get_property("preview-layer"),
+                       config.get_property("result-layer"))
     except UserError as e:
-        return fail(str(e))
-    except Exception as e:  # a bug: a message for the user, the traceback on stderr
+        return failure(procedure, str(e))
+    except Exception as e:
         traceback.print_exc()
-        return fail(f"Neural Style failed unexpectedly: {e}\n\n"
-                    "Please report this with GIMP's error console output.")
-    note = result.info.get("weights_note")
-    if note:
-        Gimp.message(f"Neural Style: {note}")
-    return procedure.new_return_values(Gimp.PDBStatusType.SUCCESS, None)
+        return failure(procedure, f"Neural Style failed unexpectedly: {e}\n\n"
+                                  "Please report this with GIMP's error console output.")
+    return Gimp.ValueArray.new_from_values([GObject.Value(Gimp.PDBStatusType, Gimp.PDBStatusType.SUCCESS),
+                                            GObject.Value(GObject.TYPE_STRING, note or "")])
 
 
 class NeuralStyle(Gimp.PlugIn):
     __gtype_name__ = "NeuralStylePlugIn"
 
     def do_query_procedures(self):
-        return [PROC_NAME]
+        return [PROC_NAME, JOB_PROC_NAME]
 
     def do_set_i18n(self, name):
         return False
 
     def do_create_procedure(self, name):
-        proc = Gimp.ImageProcedure.new(self, name, Gimp.PDBProcType.PLUGIN, run, None)
-        proc.set_image_types("*")
-        proc.set_sensitivity_mask(Gimp.ProcedureSensitivityMask.DRAWABLE)
-        proc.set_menu_label("Neural Style…")
-        proc.add_menu_path(MENU_PATH)
-        proc.set_documentation(
-            "Repaint the layer in the style of an image (neural style transfer)",
-            "Stylises the active layer, or the selection in it, with a style image (Gatys et al. 2016), "
-            "through the Neural Style service. The result goes to a new layer above (or replaces the "
-            "layer's pixels) as one undo step; a feathered selection blends.",
-            name)
+        if name == JOB_PROC_NAME:
+            proc = Gimp.ImageProcedure.new(self, name, Gimp.PDBProcType.PLUGIN, run_job_procedure, None)
+            proc.set_image_types("*")
+            proc.set_documentation(
+                "The job of Neural Style… (called by it)",
+                "Runs one job in the service for Neural Style…, drawing previews on a layer and the result "
+                "into another, in a process of its own so that GIMP's Cancel, which ends it, leaves the image "
+                "to Neural Style… to restore.",
+                name)
+        else:
+            proc = Gimp.ImageProcedure.new(self, name, Gimp.PDBProcType.PLUGIN, run, None)
+            proc.set_image_types("*")
+            proc.set_sensitivity_mask(Gimp.ProcedureSensitivityMask.DRAWABLE)
+            proc.set_menu_label("Neural Style…")
+            proc.add_menu_path(MENU_PATH)
+            proc.set_documentation(
+                "Repaint the layer in the style of an image (neural style transfer)",
+                "Stylises the active layer, or the selection in it, with a style image (Gatys et al. 2016), "
+                "through the Neural Style service, at a working size or at full resolution. The result goes "
+                "to a new layer above (or replaces the layer's pixels) as one undo step; a feathered "
+                "selection blends. Interactive runs show the current result every few seconds.",
+                name)
         proc.set_attribution("Neural Style", "Neural Style contributors", "2025")
         add_arguments(proc)
+        if name == JOB_PROC_NAME:
+            flags = GObject.ParamFlags.READWRITE
+            proc.add_drawable_argument("preview-layer", "Preview layer", "Where previews go (none: no previews)",
+                                       True, flags)
+            proc.add_drawable_argument("result-layer", "Result layer", "Where the result goes, at the area's size",
+                                       False, flags)
+            proc.add_string_return_value("weights-note", "Weights note",
+                                         "The service's note on the weights (empty for ImageNet's)", "", flags)
         return proc
-
 
 Gimp.main(NeuralStyle.__gtype__, sys.argv)

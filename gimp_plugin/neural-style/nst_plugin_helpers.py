@@ -11,10 +11,12 @@ import os
 import sys
 
 PROC_NAME = "python-fu-neural-style"
+JOB_PROC_NAME = "python-fu-neural-style-job"  # the job in a process of its own (see neural-style.py)
 MENU_PATH = "<Image>/Filters/Artistic"
 SETTINGS_FILE = "nst-plugin.json"  # written by the installer: {"python": ..., "socket": ...}
 HERE = os.path.dirname(os.path.realpath(__file__))  # the plug-in's folder
 
+OWN_SIZE = 0  # a working size of 0: the area's own size (full resolution, the engine tiles it)
 # Quality presets: (label, longest side in pixels, optimiser steps). "custom" uses the size and
 # iterations arguments.
 QUALITY_PRESETS = {
@@ -22,7 +24,12 @@ QUALITY_PRESETS = {
     "standard": ("Standard", 512, 300),
     "fine": ("Fine", 768, 500),
     "high": ("High", 1024, 800),
+    "full": ("Full resolution", OWN_SIZE, 500),
 }
+# Live preview: the service renders the current result at most this often, this large; GIMP
+# scales it onto the new layer.
+PREVIEW_INTERVAL = 2.0
+PREVIEW_MAX_SIDE = 1024
 # Strength s (1 … 4) sets the paper's content-to-style ratio alpha/beta = 10^-(s + 1).
 STRENGTH_MIN, STRENGTH_MAX = 1.0, 4.0
 DEVICES = {"auto": "auto", "gpu": "cuda", "cpu": "cpu"}  # "gpu" is "mps" on macOS
@@ -49,10 +56,27 @@ def device_name(choice: str, platform: str = sys.platform) -> str:
 
 
 def working_size(quality: str, region_w: int, region_h: int, custom_size: int) -> int:
-    """The engine's `size`: the preset's longest side, never more than the region's (no upscaling)."""
+    """The engine's `size`: the preset's longest side, never more than the region's (no upscaling);
+    OWN_SIZE is the region's longest side, so the area is stylised at full resolution.
+
+    (The engine reads `size` 0 the same way; the plug-in sends the number, which every engine takes.)
+    """
     preset = QUALITY_PRESETS.get(quality)
     size = preset[1] if preset else int(custom_size)
-    return max(16, min(size, max(region_w, region_h)))
+    longest = max(region_w, region_h)
+    return max(16, longest if size == OWN_SIZE else min(size, longest))
+
+
+def label(quality: str) -> str:
+    """A quality choice's label in the dialog: "Standard (512 px, 300 steps)"."""
+    name, size, steps = QUALITY_PRESETS[quality]
+    side = "the area's own size" if size == OWN_SIZE else f"{size} px"
+    return f"{name} ({side}, {steps} steps)"
+
+
+def preview_side(size: int) -> int:
+    """The longest side of the previews the service sends for a job of working size `size`."""
+    return max(16, min(size, PREVIEW_MAX_SIDE))
 
 
 def build_params(*, quality: str, custom_size: int, custom_iterations: int, strength: float,
@@ -126,10 +150,13 @@ def pixels_disagree(ours: tuple[float, float], gimp_mean: float, gimp_std: float
 
 
 def progress_text(event: dict) -> str:
+    """The status bar's line for a progress event; level and tile only when there are several."""
     step, total = event.get("step", 0), event.get("total", 0)
     parts = [f"Neural Style: step {step}/{total}"]
-    if event.get("levels", 1) > 1:
+    if (event.get("levels") or 1) > 1:
         parts.append(f"level {event.get('level')}/{event.get('levels')}")
+    if (event.get("tiles") or 1) > 1:
+        parts.append(f"tile {event.get('tile')}/{event.get('tiles')}")
     loss = (event.get("losses") or {}).get("total")
     if loss is not None:
         parts.append(f"loss {loss:.4g}")
