@@ -227,6 +227,7 @@ def test_error_messages_say_what_to_do(plugin):
     assert text.startswith("Out of memory on cuda:0 at 1024 px.") and "lower Quality" in text
     assert "Weights" in plugin.explain("weights", "VGG-19 weights not found: fetch X and put it in Y")
     assert "nst serve" in plugin.explain("unavailable", "the service closed the connection")
+    assert "select a part" in plugin.explain("image", "content: 9000×9000 = 81,000,000 pixels is more than …")
     event = {"step": 5, "total": 10, "level": 1, "levels": 2, "losses": {"total": 1234.5}, "eta": 2.2}
     assert plugin.progress_text(event) == "Neural Style: step 5/10 · level 1/2 · loss 1234 · 3 s left"
 

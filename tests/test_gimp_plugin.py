@@ -3,11 +3,14 @@ job service running on the host (`python -m nst_core serve`, CPU, random weights
 reached through a Unix socket in a folder bind-mounted into the chroot.
 
 Batch scripts run in gimp-console-3.0 (python-fu-eval) and print `RESULT {json}` lines and a
-sentinel (batch errors do not always set GIMP's exit code). The GUI tests run gimp-3.0 under Xvfb
-and drive it with synthetic X events (libX11 through ctypes, inside the chroot): Ctrl+Z for the
-undo step, a click on the status bar's Cancel button for GIMP's own cancel. GIMP 3.0 cancels a
+sentinel (batch errors do not always set GIMP's exit code). The plug-in reaches the service through
+a recording proxy (tests/service_recorder.py), so the tests check what the service received. The
+GUI tests run gimp-3.0 under Xvfb and drive it with synthetic X events (libX11 through ctypes,
+inside the chroot): Alt+O in the dialog, Ctrl+Z for the undo step, a click on the status bar's
+Cancel button for GIMP's own cancel, screenshots of the canvas for the previews. GIMP 3.0 cancels a
 plug-in by killing its process (app/plug-in/gimpplugin.c, gimp_plug_in_close), so the service
-must cancel the job when the plug-in's connection drops; that is what these tests check.
+must cancel the job when the plug-in's connection drops, and the plug-in's first process must
+leave the image as it was; that is what these tests check.
 """
 
 from __future__ import annotations
@@ -469,7 +472,7 @@ def test_no_service_and_no_interpreter_is_a_clear_error_and_gimp_carries_on(chro
 
 
 def test_killing_the_plugin_as_gimp_cancels_it_cancels_the_job(workdir, profile, service):
-    """GIMP's cancel is SIGKILL of the plug-in (after a 10 ms grace); here the kill comes from a helper."""
+    """GIMP's cancel is SIGKILL of the plug-in's job process (after a 10 ms grace); here a helper kills it."""
     before = jobs_count(service)
     out, records = run_gimp(workdir, profile, f'''
         img, layer = make_image(48, 36)

@@ -177,7 +177,7 @@ def explain(kind: str, message: str) -> str:
         "out_of_memory": "Choose a lower Quality, select a smaller area, or set Device to CPU.",
         "device": "Set Device to auto or CPU.",
         "param": "Check the plug-in's settings.",
-        "image": "Check the style image.",
+        "image": "Check the style image; for a layer too large for the service, select a part of it.",
         "protocol": "The plug-in and the service do not match; run `nst gimp install` again.",
         "internal": "This is a bug in the Neural Style service; its log has the details.",
     }
