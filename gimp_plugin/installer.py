@@ -114,8 +114,9 @@ def install(dest=None, python: str | None = None, socket: str | None = None, out
         except OSError as e:
             raise InstallError(f"cannot install the plug-in into {folder}: {e}") from None
         print(f"{'Upgraded' if upgrade else 'Installed'} the Neural Style plug-in in {folder}", file=out)
+        socket_note = f", socket: {settings['socket']}" if settings["socket"] else ""
         print(f"  {PLUGIN_FILE} (executable), {HELPERS_FILE}, {CLIENT_FILE}, {SETTINGS_FILE} "
-              f"(python: {settings['python']}{', socket: ' + settings['socket'] if settings['socket'] else ''})", file=out)
+              f"(python: {settings['python']}{socket_note})", file=out)
         if ".var/app/org.gimp.GIMP" in folder.as_posix():
             print("  Flatpak GIMP cannot start a service from outside its sandbox: keep `nst serve` running and "
                   "let GIMP reach its socket (flatpak override --user --filesystem=xdg-run/nst org.gimp.GIMP).",

@@ -278,8 +278,8 @@ def test_the_service_receives_the_photo_and_the_style_without_the_dialog(workdir
         img = Gimp.file_load(Gimp.RunMode.NONINTERACTIVE, Gio.File.new_for_path(WORK + "/chelsea.png"))
         layer = img.get_layers()[0]
         Gimp.file_save(Gimp.RunMode.NONINTERACTIVE, img, Gio.File.new_for_path(WORK + "/chelsea-layer.png"), None)
-        status, message = run_ns(img, layer, style_source="file", style_file=Gio.File.new_for_path(WORK + "/gravel.png"),
-                                 size=64)
+        status, message = run_ns(img, layer, style_source="file",
+                                 style_file=Gio.File.new_for_path(WORK + "/gravel.png"), size=64)
         emit(step="run", status=status, message=message, size=[layer.get_width(), layer.get_height()])
         _, style = checker(name="style-layer")
         status, message = run_ns(img, layer, style_source="layer", style_layer=style, size=64)
