@@ -1,9 +1,9 @@
 """`nst gimp install|uninstall`: put the GIMP 3 plug-in into GIMP's plug-ins folder, or take it out.
 
 An installed plug-in is the folder ``plug-ins/neural-style/`` holding ``neural-style.py`` (the
-plug-in, executable), ``nst_client.py`` (a copy of nst_core/service/client.py) and
-``nst-plugin.json`` (the Python interpreter that has nst_core, so the plug-in can start a private
-service; optionally a socket path). Installing again upgrades in place.
+plug-in, executable), ``nst_plugin_helpers.py`` (its GIMP-free part), ``nst_client.py`` (a copy of
+nst_core/service/client.py) and ``nst-plugin.json`` (the Python interpreter that has nst_core, so the
+plug-in can start a private service; optionally a socket path). Installing again upgrades in place.
 """
 
 from __future__ import annotations
@@ -19,11 +19,13 @@ from pathlib import Path
 
 PLUGIN_NAME = "neural-style"
 PLUGIN_FILE = "neural-style.py"
+HELPERS_FILE = "nst_plugin_helpers.py"
 CLIENT_FILE = "nst_client.py"
 SETTINGS_FILE = "nst-plugin.json"
-OWNED = (PLUGIN_FILE, CLIENT_FILE, SETTINGS_FILE)
+OWNED = (PLUGIN_FILE, HELPERS_FILE, CLIENT_FILE, SETTINGS_FILE)
 
 PLUGIN_SOURCE = Path(__file__).resolve().parent / PLUGIN_NAME / PLUGIN_FILE
+HELPERS_SOURCE = PLUGIN_SOURCE.with_name(HELPERS_FILE)
 
 
 def _client_source() -> Path:
@@ -91,11 +93,12 @@ def install(dest=None, python: str | None = None, socket: str | None = None, out
     """
     out = out or sys.stdout
     client_source = _client_source()
-    for src in (PLUGIN_SOURCE, client_source):
+    for src in (PLUGIN_SOURCE, HELPERS_SOURCE, client_source):
         if not src.is_file():
             raise InstallError(f"{src} is missing: this Neural Style installation is incomplete; reinstall it.")
     settings = {"python": python or sys.executable, "socket": socket or None}
     plugin = PLUGIN_SOURCE.read_bytes()
+    helpers = HELPERS_SOURCE.read_bytes()
     client = client_source.read_bytes()
     done = []
     for plugins_dir in _targets(dest):
@@ -104,14 +107,16 @@ def install(dest=None, python: str | None = None, socket: str | None = None, out
         try:
             folder.mkdir(parents=True, exist_ok=True)
             _write(folder / PLUGIN_FILE, plugin, 0o755)
+            _write(folder / HELPERS_FILE, helpers, 0o644)
             _write(folder / CLIENT_FILE, client, 0o644)
             _write(folder / SETTINGS_FILE, (json.dumps(settings, indent=2) + "\n").encode(), 0o644)
             shutil.rmtree(folder / "__pycache__", ignore_errors=True)
         except OSError as e:
             raise InstallError(f"cannot install the plug-in into {folder}: {e}") from None
         print(f"{'Upgraded' if upgrade else 'Installed'} the Neural Style plug-in in {folder}", file=out)
-        print(f"  {PLUGIN_FILE} (executable), {CLIENT_FILE}, {SETTINGS_FILE} (python: {settings['python']}"
-              f"{', socket: ' + settings['socket'] if settings['socket'] else ''})", file=out)
+        socket_note = f", socket: {settings['socket']}" if settings["socket"] else ""
+        print(f"  {PLUGIN_FILE} (executable), {HELPERS_FILE}, {CLIENT_FILE}, {SETTINGS_FILE} "
+              f"(python: {settings['python']}{socket_note})", file=out)
         if ".var/app/org.gimp.GIMP" in folder.as_posix():
             print("  Flatpak GIMP cannot start a service from outside its sandbox: keep `nst serve` running and "
                   "let GIMP reach its socket (flatpak override --user --filesystem=xdg-run/nst org.gimp.GIMP).",

@@ -3,11 +3,14 @@ job service running on the host (`python -m nst_core serve`, CPU, random weights
 reached through a Unix socket in a folder bind-mounted into the chroot.
 
 Batch scripts run in gimp-console-3.0 (python-fu-eval) and print `RESULT {json}` lines and a
-sentinel (batch errors do not always set GIMP's exit code). The GUI tests run gimp-3.0 under Xvfb
-and drive it with synthetic X events (libX11 through ctypes, inside the chroot): Ctrl+Z for the
-undo step, a click on the status bar's Cancel button for GIMP's own cancel. GIMP 3.0 cancels a
+sentinel (batch errors do not always set GIMP's exit code). The plug-in reaches the service through
+a recording proxy (tests/service_recorder.py), so the tests check what the service received. The
+GUI tests run gimp-3.0 under Xvfb and drive it with synthetic X events (libX11 through ctypes,
+inside the chroot): Alt+O in the dialog, Ctrl+Z for the undo step, a click on the status bar's
+Cancel button for GIMP's own cancel, screenshots of the canvas for the previews. GIMP 3.0 cancels a
 plug-in by killing its process (app/plug-in/gimpplugin.c, gimp_plug_in_close), so the service
-must cancel the job when the plug-in's connection drops; that is what these tests check.
+must cancel the job when the plug-in's connection drops, and the plug-in's first process must
+leave the image as it was; that is what these tests check.
 """
 
 from __future__ import annotations
@@ -23,15 +26,19 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from gimp_plugin import installer
 from nst_core.service.client import ServiceClient
+from service_recorder import RecordingProxy
 
 pytestmark = pytest.mark.gimp
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "gimp3"
+SAMPLES = REPO / "nst_core" / "samples"
 CHROOT = Path(os.environ.get("NST_GIMP3_CHROOT", "/var/cache/nst-gimp3"))
 ARTIFACTS = REPO / "test-artifacts"
 SENTINEL = "NST_GIMP_TEST_DONE"
@@ -61,6 +68,8 @@ def workdir():
     path = Path(tempfile.mkdtemp(prefix="nstgimp-", dir="/tmp"))
     path.chmod(0o755)
     (path / "helper.py").write_text(HELPER)
+    for name in ("chelsea.png", "gravel.png"):  # the package's own samples: a photo and a texture
+        shutil.copy(SAMPLES / name, path / name)
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
@@ -89,9 +98,17 @@ def service(workdir):
 
 
 @pytest.fixture(scope="module")
-def profile(chroot, workdir, service):
+def recorder(workdir, service):
+    """The plug-in's way to the service: a proxy that records what the service receives."""
+    proxy = RecordingProxy(str(workdir / "proxy" / "nst.sock"), service.socket_path)
+    yield proxy
+    proxy.close()
+
+
+@pytest.fixture(scope="module")
+def profile(chroot, workdir, recorder):
     """A GIMP profile with the plug-in installed by the installer, pointed at the host service."""
-    folder = installer.install(workdir / "gimp" / "plug-ins", socket=service.socket_path)[0]
+    folder = installer.install(workdir / "gimp" / "plug-ins", socket=recorder.socket_path)[0]
     assert os.access(folder / "neural-style.py", os.X_OK)
     return workdir / "gimp"
 
@@ -151,6 +168,13 @@ def checker(size=40, name="style"):
                     for y in range(size) for x in range(size))
     layer.get_buffer().set(Gegl.Rectangle.new(0, 0, size, size), "R'G'B' u8", data)
     return img, layer
+
+def forget_last_values():
+    """An interactive run starts from the last interactive run's values when there are some (GIMP keeps
+    them in the profile); forget them so that the arguments given here fill the dialog."""
+    import glob
+    for path in glob.glob(os.path.join(os.environ["GIMP3_DIRECTORY"], "plug-in-settings", "*-python-fu-neural-style.last")):
+        os.remove(path)
 
 def run_ns(image, drawable, run_mode=Gimp.RunMode.NONINTERACTIVE, job=True, **args):
     proc = PDB.lookup_procedure("python-fu-neural-style")
@@ -219,6 +243,17 @@ def wait_cancelled(service: ServiceClient, before: dict, timeout: float = 20.0) 
         time.sleep(0.2)
 
 
+def correlation(received, reference: Path) -> float:
+    """Pearson correlation of the RGB samples of `received` (H×W×C) with the image file `reference`
+    shrunk to the same size: near 1 when the service got that picture, at any working size."""
+    ref = Image.open(reference).convert("RGB").resize((received.shape[1], received.shape[0]), Image.BOX)
+    a = np.asarray(ref, dtype=np.float64).ravel()
+    b = received[..., :3].astype(np.float64).ravel()
+    if b.std() == 0 or a.std() == 0:
+        return 0.0
+    return float(np.corrcoef(a, b)[0, 1])
+
+
 # ---- console tests ------------------------------------------------------------------------------
 
 
@@ -234,6 +269,81 @@ def test_gimp_lists_the_procedure_under_filters(workdir, profile):
     assert r["label"] == "Neural Style…"
     assert {"style-source", "style-file", "style-layer", "strength", "preserve-color", "style-scale", "quality",
             "output", "device", "seed"} <= set(r["args"])
+
+
+def test_the_service_receives_the_photo_and_the_style_without_the_dialog(workdir, profile, recorder):
+    """Scripts, batch runs (NONINTERACTIVE): the layer and the style file, larger than the working size."""
+    seen = len(recorder.jobs)
+    _, records = run_gimp(workdir, profile, '''
+        img = Gimp.file_load(Gimp.RunMode.NONINTERACTIVE, Gio.File.new_for_path(WORK + "/chelsea.png"))
+        layer = img.get_layers()[0]
+        Gimp.file_save(Gimp.RunMode.NONINTERACTIVE, img, Gio.File.new_for_path(WORK + "/chelsea-layer.png"), None)
+        status, message = run_ns(img, layer, style_source="file",
+                                 style_file=Gio.File.new_for_path(WORK + "/gravel.png"), size=64)
+        emit(step="run", status=status, message=message, size=[layer.get_width(), layer.get_height()])
+        _, style = checker(name="style-layer")
+        status, message = run_ns(img, layer, style_source="layer", style_layer=style, size=64)
+        emit(step="layer", status=status, message=message)
+    ''', name="received")
+    for step in ("run", "layer"):
+        r = one(records, step)
+        assert r["status"] == "success", r["message"]
+    assert one(records, "run")["size"] == [451, 300]
+    file_job, layer_job = recorder.since(seen)
+    content, style = file_job.images()
+    assert content.shape[:2] == (43, 64) and max(style.shape[:2]) == 64  # shrunk to the working size
+    assert correlation(content, workdir / "chelsea-layer.png") > 0.9
+    assert correlation(style, workdir / "gravel.png") > 0.9
+    content, style = layer_job.images()
+    assert correlation(content, workdir / "chelsea-layer.png") > 0.9
+    assert style.shape[:2] == (40, 40) and style[..., :3].std() > 50  # the 40 px checker, as it is
+
+
+def test_full_resolution_stylises_the_layer_at_its_own_size(workdir, profile, service, recorder):
+    """Full resolution sends the whole layer and writes the service's result as it is: detail at
+    full resolution, where a working size smaller than the layer gives a smooth upscaled result."""
+    seen = len(recorder.jobs)
+    _, records = run_gimp(workdir, profile, f'''
+        img = Gimp.file_load(Gimp.RunMode.NONINTERACTIVE, Gio.File.new_for_path(WORK + "/chelsea.png"))
+        img.scale(180, 120)
+        layer = img.get_layers()[0]
+        Gimp.file_save(Gimp.RunMode.NONINTERACTIVE, img, Gio.File.new_for_path(WORK + "/full-layer.png"), None)
+        _, style = checker()
+        # The "Full resolution" choice itself (500 steps): what it sends, then killed as GIMP's Cancel does.
+        helper = subprocess.Popen([sys.executable, HELPER, "kill-when-running", {service.socket_path!r},
+                                   {str(profile / "plug-ins" / "neural-style")!r}])
+        status, message = run_ns(img, layer, style_source="layer", style_layer=style, quality="full")
+        helper.wait(60)
+        emit(step="full", status=status, helper=helper.returncode, layers=len(img.get_layers()))
+        for name, size in (("own-size", 0), ("working-size", 45)):
+            status, message = run_ns(img, layer, style_source="layer", style_layer=style, size=size)
+            new = img.get_layers()[0]
+            emit(step=name, status=status, message=message, size=[new.get_width(), new.get_height()],
+                 pixels=pixels(new, alpha=False))
+            img.remove_layer(new)
+    ''', name="full")
+    r = one(records, "full")
+    assert r["helper"] == 0 and r["status"] != "success" and r["layers"] == 1
+    full, own, small = recorder.since(seen)
+    layer = np.asarray(Image.open(workdir / "full-layer.png").convert("RGB"))
+    assert full.header["params"]["size"] == 180 and full.header["params"]["iterations"] == 500
+    assert np.array_equal(full.images()[0], layer)  # the whole layer, pixel for pixel
+    assert np.array_equal(own.images()[0], layer) and own.header["params"]["size"] == 180
+    assert max(small.images()[0].shape[:2]) == 45
+
+    def detail(a):  # mean difference between neighbouring pixels
+        a = a.astype(np.float64)
+        return float(np.abs(np.diff(a, axis=0)).mean() + np.abs(np.diff(a, axis=1)).mean())
+
+    results = {}
+    for step, job in (("own-size", own), ("working-size", small)):
+        r = one(records, step)
+        assert r["status"] == "success" and r["size"] == [180, 120], r["message"]
+        results[step] = np.array(r["pixels"], dtype=np.uint8).reshape(120, 180, 3)
+    assert own.result_image().shape == (120, 180, 3)  # made at full size by the service …
+    assert np.array_equal(results["own-size"], own.result_image())  # … and put on the layer as it came
+    assert small.result_image().shape[:2] == (30, 45)
+    assert detail(results["own-size"]) > 2 * detail(results["working-size"])
 
 
 def test_feathered_selection_gives_a_new_layer_above_that_blends(workdir, profile):
@@ -362,7 +472,7 @@ def test_no_service_and_no_interpreter_is_a_clear_error_and_gimp_carries_on(chro
 
 
 def test_killing_the_plugin_as_gimp_cancels_it_cancels_the_job(workdir, profile, service):
-    """GIMP's cancel is SIGKILL of the plug-in (after a 10 ms grace); here the kill comes from a helper."""
+    """GIMP's cancel is SIGKILL of the plug-in's job process (after a 10 ms grace); here a helper kills it."""
     before = jobs_count(service)
     out, records = run_gimp(workdir, profile, f'''
         img, layer = make_image(48, 36)
@@ -386,12 +496,14 @@ def test_killing_the_plugin_as_gimp_cancels_it_cancels_the_job(workdir, profile,
 # ---- GUI tests (gimp-3.0 under Xvfb) --------------------------------------------------------------
 
 
-def test_dialog_screenshot_and_last_values(workdir, profile):
+def test_dialog_screenshot_and_last_values(workdir, profile, recorder):
+    """Through the dialog (INTERACTIVE) and Filters → Repeat (WITH_LAST_VALS): the service receives the photo."""
     shot = workdir / "dialog.png"
+    seen = len(recorder.jobs)
     _, records = run_gimp(workdir, profile, f'''
-        img, layer = make_image(320, 240)
-        simg, _ = checker()
-        Gimp.file_save(Gimp.RunMode.NONINTERACTIVE, simg, Gio.File.new_for_path(WORK + "/style.png"), None)
+        img = Gimp.file_load(Gimp.RunMode.NONINTERACTIVE, Gio.File.new_for_path(WORK + "/chelsea.png"))
+        layer = img.get_layers()[0]
+        Gimp.file_save(Gimp.RunMode.NONINTERACTIVE, img, Gio.File.new_for_path(WORK + "/dialog-layer.png"), None)
         Gimp.Display.new(img)
         Gimp.displays_flush()
         def dialog(*helper_args, **args):
@@ -399,30 +511,44 @@ def test_dialog_screenshot_and_last_values(workdir, profile):
             status, message = run_ns(img, layer, run_mode=Gimp.RunMode.INTERACTIVE, **args)
             seen = json.loads(helper.communicate(timeout=60)[0].strip().splitlines()[-1])
             return status, message, seen
-        status, message, seen = dialog("dialog", "escape", {str(shot)!r})
+        forget_last_values()
+        status, message, seen = dialog("dialog", "escape", {str(shot)!r}, quality="full")
         emit(step="escape", status=status, message=message, dialog=seen, layers=len(img.get_layers()))
-        before = pixels(layer)
+        before = pixels(layer, alpha=False)
         status, message, seen = dialog("dialog", "alt+o", style_source="file", output="in-place",
-                                       style_file=Gio.File.new_for_path(WORK + "/style.png"))
-        after = pixels(layer)
+                                       style_file=Gio.File.new_for_path(WORK + "/gravel.png"))
+        after = pixels(layer, alpha=False)
         emit(step="ok", status=status, message=message, layers=len(img.get_layers()), changed=after != before)
+        Gimp.file_save(Gimp.RunMode.NONINTERACTIVE, img, Gio.File.new_for_path(WORK + "/dialog-after.png"), None)
         # No arguments: GIMP supplies the values of the last interactive run (defaults would need ImageNet weights).
         status, message = run_ns(img, layer, run_mode=Gimp.RunMode.WITH_LAST_VALS, job=False)
-        emit(step="last", status=status, message=message, layers=len(img.get_layers()), changed=pixels(layer) != after)
+        emit(step="last", status=status, message=message, layers=len(img.get_layers()),
+             changed=pixels(layer, alpha=False) != after)
     ''', gui=True, name="dialog")
     r = one(records, "escape")
     assert r["dialog"]["title"] == "Neural Style" and r["dialog"]["width"] > 300 and r["dialog"]["height"] > 300
     assert r["status"] == "cancel" and r["layers"] == 1  # Escape closed the dialog; nothing ran
     ARTIFACTS.mkdir(exist_ok=True)
     shutil.copy(shot, ARTIFACTS / "gimp-neural-style-dialog.png")
+    Image.open(shot).crop((0, 0, r["dialog"]["width"], r["dialog"]["height"])).save(
+        ARTIFACTS / "gimp-dialog.png")  # docs/images/gimp-dialog.png is this
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20000
     r = one(records, "ok")
     assert r["status"] == "success" and r["layers"] == 1 and r["changed"], r["message"]  # OK ran it, in place
     r = one(records, "last")
     assert r["status"] == "success" and r["layers"] == 1 and r["changed"], r["message"]
+    # What the service received, in both run modes: the layer as it was then, and the style file.
+    ok_job, last_job = recorder.since(seen)
+    for job, layer_file in ((ok_job, "dialog-layer.png"), (last_job, "dialog-after.png")):
+        content, style = job.images()
+        assert max(content.shape[:2]) == JOB["size"] and max(style.shape[:2]) == JOB["size"]
+        assert correlation(content, workdir / layer_file) > 0.9, layer_file
+        assert correlation(style, workdir / "gravel.png") > 0.9
 
 
-def test_one_undo_step_removes_the_result(workdir, profile):
+def test_one_undo_step_removes_the_result(workdir, profile, recorder):
+    """Through the dialog, with previews drawn during the run: the result is still one undo step."""
+    seen = len(recorder.jobs)
     _, records = run_gimp(workdir, profile, '''
         img, layer = make_image(96, 64)
         _, style = checker()
@@ -433,8 +559,13 @@ def test_one_undo_step_removes_the_result(workdir, profile):
         img.clean_all()
         Gimp.Display.new(img)
         Gimp.displays_flush()
-        status, message = run_ns(img, layer, style_source="layer", style_layer=style)
-        emit(step="run", status=status, message=message, layers=len(img.get_layers()), dirty=img.is_dirty())
+        forget_last_values()
+        press_ok = subprocess.Popen([sys.executable, HELPER, "dialog", "alt+o"], stdout=subprocess.DEVNULL)
+        status, message = run_ns(img, layer, run_mode=Gimp.RunMode.INTERACTIVE, style_source="layer",
+                                 style_layer=style, iterations=30)
+        press_ok.wait(60)
+        emit(step="run", status=status, message=message, layers=len(img.get_layers()), dirty=img.is_dirty(),
+             names=[l.get_name() for l in img.get_layers()])
         def press(keys, want_layers):
             subprocess.run([sys.executable, HELPER, "key", keys], check=True, timeout=30)
             deadline = time.time() + 10
@@ -446,6 +577,9 @@ def test_one_undo_step_removes_the_result(workdir, profile):
     ''', gui=True, name="undo")
     r = one(records, "run")
     assert r["status"] == "success" and r["layers"] == 2 and r["dirty"], r["message"]
+    assert r["names"] == ["photo (Neural Style, random weights)", "photo"]  # the preview layer is gone
+    [job] = recorder.since(seen)
+    assert job.previews >= 1 and job.result is not None  # the last step always brings one
     undo = one(records, "undo")
     # One Ctrl+Z takes away the new layer and its pixels, and the image is clean again: one step.
     assert undo == {"step": "undo", "layers": 1, "dirty": False, "original": True}
@@ -476,6 +610,79 @@ def test_cancel_in_gimps_progress_bar_cancels_the_job(workdir, profile, service)
     if shot.exists():
         ARTIFACTS.mkdir(exist_ok=True)
         shutil.copy(shot, ARTIFACTS / "gimp-neural-style-progress.png")
+
+
+def test_previews_on_the_new_layer_and_cancel_leaves_the_image_as_it_was(workdir, profile, service, recorder):
+    """Through the dialog at full resolution: the current result shows on the new layer every few
+    seconds; GIMP's Cancel then leaves the layers, the undo history and the clean state as they were."""
+    before = jobs_count(service)
+    seen = len(recorder.jobs)
+    shots = [workdir / f"preview-{name}.png" for name in ("before", "first", "later", "after")]
+    _, records = run_gimp(workdir, profile, f'''
+        W, H = 160, 120
+        img = Gimp.Image.new(W, H, Gimp.ImageBaseType.RGB)
+        layer = Gimp.Layer.new(img, "photo", W, H, Gimp.ImageType.RGB_IMAGE, 100, Gimp.LayerMode.NORMAL)
+        img.insert_layer(layer, None, 0)
+        # Green with faint gradients: the screenshots find the canvas by its colour.
+        layer.get_buffer().set(Gegl.Rectangle.new(0, 0, W, H), "R'G'B' u8",
+                               bytes(v for y in range(H) for x in range(W) for v in (x * 60 // W, 230, y * 60 // H)))
+        _, style = checker()
+        marker = Gimp.Layer.new(img, "marker", 8, 8, Gimp.ImageType.RGBA_IMAGE, 100, Gimp.LayerMode.NORMAL)
+        img.insert_layer(marker, None, 1)  # the last undo step before Neural Style: "add layer"
+        img.clean_all()  # as if just saved
+        Gimp.Display.new(img)
+        Gimp.displays_flush()
+        time.sleep(1.0)
+        subprocess.run([sys.executable, HELPER, "shot", {str(shots[0])!r}], check=True, timeout=30)
+        names = [l.get_name() for l in img.get_layers()]
+        forget_last_values()
+        press_ok = subprocess.Popen([sys.executable, HELPER, "dialog", "alt+o"], stdout=subprocess.DEVNULL)
+        canceller = subprocess.Popen([sys.executable, HELPER, "click-cancel-when-running", {service.socket_path!r},
+                                      {str(profile / "plug-ins" / "neural-style")!r}, {str(shots[1])!r},
+                                      {str(shots[2])!r}])
+        status, message = run_ns(img, layer, run_mode=Gimp.RunMode.INTERACTIVE, style_source="layer",
+                                 style_layer=style, size=0, iterations=20000)
+        press_ok.wait(60)
+        canceller.wait(60)
+        time.sleep(1.0)
+        subprocess.run([sys.executable, HELPER, "shot", {str(shots[3])!r}], check=True, timeout=30)
+        emit(step="cancel", status=status, message=message, helper=canceller.returncode, names_before=names,
+             names=[l.get_name() for l in img.get_layers()], dirty=img.is_dirty(), undo=img.undo_is_enabled())
+        def press(keys, want_layers):
+            subprocess.run([sys.executable, HELPER, "key", keys], check=True, timeout=30)
+            deadline = time.time() + 10
+            while len(img.get_layers()) != want_layers and time.time() < deadline:
+                time.sleep(0.2)
+            return [l.get_name() for l in img.get_layers()]
+        emit(step="undo", names=press("ctrl+z", 1), dirty=img.is_dirty())
+        emit(step="redo", names=press("ctrl+y", 2))
+    ''', gui=True, name="previews")
+    r = one(records, "cancel")
+    assert r["helper"] == 0 and r["status"] == "cancel", r["message"]
+    assert r["names"] == r["names_before"] == ["photo", "marker"]  # no preview layer left behind
+    assert not r["dirty"] and r["undo"]  # still "saved"; undo works again
+    # The last undo step is still the marker's: one Ctrl+Z removes it (which GIMP counts as a change
+    # since the save, as it would have without Neural Style).
+    assert one(records, "undo") == {"step": "undo", "names": ["photo"], "dirty": True}
+    assert one(records, "redo")["names"] == ["photo", "marker"]
+    wait_cancelled(service, before)
+    ARTIFACTS.mkdir(exist_ok=True)
+    for shot in shots:
+        shutil.copy(shot, ARTIFACTS / f"gimp-neural-style-{shot.name}")
+    [job] = recorder.since(seen)
+    assert job.header["params"]["size"] == 160 and job.header["preview"]["max_side"] == 160  # full resolution
+    assert job.previews >= 2
+    before_shot, first, later, after = (np.asarray(Image.open(p).convert("RGB"), dtype=np.int16) for p in shots)
+    green = (before_shot[..., 1] > 200) & (before_shot[..., 0] < 80) & (before_shot[..., 2] < 80)
+    rows, cols = np.nonzero(green.sum(1) >= 150)[0], np.nonzero(green.sum(0) >= 100)[0]  # not the thumbnails
+    canvas = (slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1))
+    assert green[canvas].sum() > 0.95 * 160 * 120  # the photo, shown at 100 %
+
+    def change(a, b):
+        return float(np.abs(a - b)[canvas].mean())
+    assert change(first, before_shot) > 30  # a preview is on the canvas, not the photo
+    assert change(later, first) > 3  # … and a newer one replaced it during the run
+    assert change(after, before_shot) < 1  # after Cancel the canvas shows the photo again
 
 
 # ---- chroot-side pieces -------------------------------------------------------------------------
@@ -595,15 +802,21 @@ def wait_running(socket_path, plugin_dir, timeout=120):
     raise SystemExit("the plug-in's job never ran")
 
 def plugin_pid():
+    """The job's process: Neural Style… runs its job in a second, younger process of the plug-in."""
+    found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 argv = f.read().split(b"\0")
+            with open(f"/proc/{pid}/stat") as f:
+                started = int(f.read().rsplit(")", 1)[1].split()[19])
         except OSError:
             continue
         if any(a.endswith(b"neural-style/neural-style.py") for a in argv) and b"-run" in argv:
-            return int(pid)
-    raise SystemExit("no running neural-style plug-in process")
+            found.append((started, int(pid)))
+    if not found:
+        raise SystemExit("no running neural-style plug-in process")
+    return max(found)[1]
 
 if __name__ == "__main__":
     cmd = sys.argv[1]
@@ -612,14 +825,17 @@ if __name__ == "__main__":
     elif cmd == "kill-when-running":
         wait_running(sys.argv[2], sys.argv[3])
         os.kill(plugin_pid(), signal.SIGKILL)  # what GIMP 3.0 does on cancel (gimp_plug_in_close)
-    elif cmd == "click-cancel-when-running":
+    elif cmd == "click-cancel-when-running":  # SOCKET PLUGIN_DIR SHOT...: shots 1 s in, then every 4 s
         wait_running(sys.argv[2], sys.argv[3])
-        time.sleep(1.0)
-        screenshot(sys.argv[4])
+        for i, shot in enumerate(sys.argv[4:]):
+            time.sleep(4.0 if i else 1.0)
+            screenshot(shot)
         win = main_window()
         # The status bar's Cancel button (shown while a plug-in reports progress), in GIMP 3.0.4's default
         # single-window layout on a fresh profile: 283 px left of the window's right edge, 18 px up.
         click(win, win["width"] - 283, win["height"] - 18)
+    elif cmd == "shot":
+        screenshot(sys.argv[2])
     elif cmd == "dialog":  # dialog KEY [SCREENSHOT]: wait for the dialog, (shoot it,) press KEY in it
         deadline = time.time() + 60
         while time.time() < deadline:
