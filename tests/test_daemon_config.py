@@ -104,12 +104,37 @@ CASES = [
     (GOOD.replace("    output: out", "    output: out\n    min_input_side: 0"), 10, "rules.one.min_input_side",
      "between 1 and 16384"),
     (GOOD.replace("    output: out", "    output: out\n    poll: sometimes"), 10, "rules.one.poll", "auto, true or false"),
+    # Issue 9.11: folders that loop, endless seconds, a journal that is a folder, unset variables.
+    (GOOD.replace("    output: out", "    output: out\n    processed: '.'"), 10, "rules.one.processed",
+     "is this rule's watched folder"),
+    (GOOD.replace("    output: out", "    output: out\n    failed: ./"), 10, "rules.one.failed",
+     "taken again, forever"),
+    (GOOD + "  - rule: two\n    watch: inbox2\n    style: style.png\n    output: out2\n    processed: ../inbox\n"
+     .replace("../inbox", "{folder}/inbox"), 16, "rules.two.processed", "is rule 'one''s watched folder"),
+    (GOOD.replace("  settle: 1", "  settle: .inf"), 2, "settings.settle", "must be a number of seconds, got inf"),
+    (GOOD.replace("  settle: 1", "  scan_interval: .inf"), 2, "settings.scan_interval", "got inf"),
+    (GOOD.replace("  settle: 1", "  stop_timeout: .nan"), 2, "settings.stop_timeout", "got nan"),
+    (GOOD.replace("  settle: 1", "  journal: inbox"), 2, "settings.journal", "is a folder; give the journal's file name"),
+    (GOOD.replace("  settle: 1", "  journal: style.png/j.sqlite"), 2, "settings.journal", "style.png is not a folder"),
+    (GOOD.replace("    watch: inbox", "    watch: $NST_TEST_UNSET/inbox"), 7, "rules.one.watch",
+     "$NST_TEST_UNSET/inbox: the environment variable $NST_TEST_UNSET is not set"),
+    (GOOD.replace("    output: out", "    output: ${NST_TEST_UNSET}/out"), 9, "rules.one.output", "is not set"),
+    # Issue 8.4: only names that can be written (nst_core.images.SAVE_FORMATS, as save_image).
+    (GOOD.replace("    output: out", "    output: out\n    name: '{stem}.gif'"), 10, "rules.one.name",
+     "an image extension that can be written (.bmp, .jpeg, .jpg, .png, .tif, .tiff, .webp)"),
+    (GOOD.replace("    output: out", "    output: out\n    name: '{stem}.pdf'"), 10, "rules.one.name", "can be written"),
+    (GOOD.replace("    output: out", "    output: out\n    include: ['*.png', '*.GIF']\n    name: '{stem}{ext}'"), 10,
+     "rules.one.include", "takes *.GIF, but the name '{stem}{ext}' keeps the input's extension"),
+    # YAML that Python cannot hold: a parse error for that value, not a traceback.
+    (GOOD.replace("      size: 64", "      size: " + "9" * 5000), 11, "rules.one.params.size", "cannot read value"),
+    (GOOD.replace("    output: out", "    output: out\n    min_input_side: !!binary 'xyz!'"), 10,
+     "rules.one.min_input_side", "cannot read value"),
 ]
 
 
 @pytest.mark.parametrize("text,line,key,words", CASES, ids=[c[2] + ":" + c[3][:20] for c in CASES])
 def test_each_bad_config_names_file_line_and_key(folder, text, line, key, words):
-    errs = errors(folder, text)
+    errs = errors(folder, text.replace("{folder}", str(folder)))
     mine = [e for e in errs if f": {key}: " in e]
     assert len(mine) == 1, errs
     err = mine[0]
@@ -223,3 +248,72 @@ def test_repo_config_yaml_is_valid_as_it_is():
     assert r.returncode == 0, r.stderr
     assert "rule gravel " in r.stdout and "rule gravel-colour " in r.stdout
     assert "nst_core/samples/gravel.png" in r.stdout
+
+
+# ---- files made to hurt (issue 9.5): refused from the event stream, with the line, in no time -----
+
+
+def alias_bomb(levels: int = 9) -> str:
+    """The "billion laughs": each anchor is nine aliases of the one before; *i stands for 9^9 strings."""
+    lines, prev = ['  a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]'], "a"
+    for name in "bcdefghijklmn"[:levels - 1]:
+        lines.append(f"  {name}: &{name} [" + ", ".join(["*" + prev] * 9) + "]")
+        prev = name
+    return "\n".join(lines) + "\n", prev
+
+
+def test_an_alias_bomb_is_refused_naming_the_line_without_expanding_it(folder):
+    body, last = alias_bomb()
+    text = "x-anchors:\n" + body + GOOD.replace("    output: out", "    output: out\n    include: *" + last)
+    err = one_error(folder, text)
+    # Refused where the expansion passes the bound (a, b, ... e hold 74 732 values; f's first *e passes 100 000).
+    bomb_line = next(i for i, x in enumerate(text.splitlines(), 1) if x.startswith("  f: &f"))
+    assert err.startswith(f"{folder / 'config.yaml'}:{bomb_line}:"), err
+    assert "more than 100,000 values once its aliases are expanded (*e alone stands for 66,430)" in err, err
+
+
+def test_nesting_900_deep_is_refused_naming_the_line(folder):
+    text = GOOD.replace("    output: out", "    output: out\n    include: " + "[" * 900 + "]" * 900)
+    err = one_error(folder, text)
+    assert err.startswith(f"{folder / 'config.yaml'}:10:"), err
+    assert "nested more than 32 levels deep" in err
+
+
+def test_a_recursive_alias_an_oversized_file_and_bytes_that_are_not_text_are_refused(folder):
+    err = one_error(folder, GOOD.replace("    output: out", "    output: out\n    include: &r [*r]"))
+    assert err.startswith(f"{folder / 'config.yaml'}:10:") and "recursive" in err, err
+    err = one_error(folder, GOOD + "#" * (1 << 20))
+    assert err == f"{folder / 'config.yaml'}: larger than 1024 kB; a rule file is a few kB (is this the right file?)"
+    (folder / "config.yaml").write_bytes(GOOD.encode() + b"# caf\xe9\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(folder / "config.yaml")
+    assert str(info.value.problems[0]).startswith(f"{folder / 'config.yaml'}:12:") and "not UTF-8" in info.value.message
+
+
+def test_check_config_exits_2_without_a_traceback_for_each_hostile_file(folder):
+    path = folder / "config.yaml"
+    body, last = alias_bomb()
+    for text in ("x-anchors:\n" + body + GOOD.replace("    output: out", "    output: out\n    include: *" + last),
+                 GOOD.replace("    output: out", "    output: out\n    include: " + "[" * 900 + "]" * 900),
+                 GOOD.replace("      size: 64", "      size: " + "9" * 5000)):
+        path.write_text(text)
+        r = run_cli("--config", str(path), "--check-config")
+        assert r.returncode == 2 and r.stderr.startswith(f"{path}:") and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_environment_variables_in_paths_expand_when_set(folder, monkeypatch):
+    monkeypatch.setenv("NST_TEST_STUDIO", str(folder))
+    (folder / "config.yaml").write_text(GOOD.replace("    watch: inbox", "    watch: ${NST_TEST_STUDIO}/inbox")
+                                        .replace("    output: out", "    output: $NST_TEST_STUDIO/out"))
+    rule = load_config(folder / "config.yaml").rules[0]
+    assert rule.watch == (folder / "inbox",) and rule.output == folder / "out"
+
+
+def test_a_style_too_small_at_the_working_size_is_a_config_error_naming_the_file(folder):
+    write_image(folder / "thin.png", 3, (40, 64))  # at size 16: 10×16, smaller than relu5_1 takes
+    text = GOOD.replace("style: style.png", "style: thin.png").replace("size: 64", "size: 16")
+    err = one_error(folder, text)
+    assert err.startswith(f"{folder / 'config.yaml'}:8:") and ": rules.one.style: " in err, err
+    assert f"{folder / 'thin.png'} (40×64) becomes 10×16 at size 16, too small for layer relu5_1" in err
+    (folder / "config.yaml").write_text(text.replace("size: 16", "size: 32"))  # 20×32: fine
+    assert load_config(folder / "config.yaml").rules[0].params.size == 32
