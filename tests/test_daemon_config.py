@@ -1,6 +1,8 @@
 """The rule file: every bad config gives its exact error (file, line, key); config.yaml works as is."""
 
 import datetime as dt
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -317,3 +319,139 @@ def test_a_style_too_small_at_the_working_size_is_a_config_error_naming_the_file
     assert f"{folder / 'thin.png'} (40×64) becomes 10×16 at size 16, too small for layer relu5_1" in err
     (folder / "config.yaml").write_text(text.replace("size: 16", "size: 32"))  # 20×32: fine
     assert load_config(folder / "config.yaml").rules[0].params.size == 32
+
+
+# ---- the same, sent to a running daemon ---------------------------------------------------------
+
+
+def _capped(gib: int = 4) -> list[str]:
+    """A prefix that caps the daemon's data memory, so that a broken bound fails the test, not the machine."""
+    cap = gib << 30
+    return [sys.executable, "-c", "import os, resource, sys; resource.setrlimit(resource.RLIMIT_DATA, "
+            f"({cap}, {cap})); os.execv(sys.argv[1], sys.argv[1:])"]
+
+
+def test_sighup_with_an_alias_bomb_keeps_the_running_daemon_serving(tmp_path):
+    from daemon_util import Daemon, NotifyListener, files, make_config, wait_until
+
+    cfg = make_config(tmp_path, [{"rule": "r", "watch": "in", "output": "out"}], settings={"device": "cpu"})
+    good = cfg.read_text()
+    listener = NotifyListener()
+    try:
+        with Daemon(cfg, env={"NOTIFY_SOCKET": listener.name}, prefix=_capped()) as d:
+            d.start()
+            write_image(tmp_path / "in" / "a.png", 1)
+            wait_until(lambda: files(tmp_path / "out"), 60, "the first output")
+            body, last = alias_bomb()
+            cfg.write_text("x-anchors:\n" + body + good.replace("output: out", "output: out\n  include: *" + last))
+            bomb_line = next(i for i, x in enumerate(cfg.read_text().splitlines(), 1) if x.startswith("  f: &f"))
+            start, mark = len(d.lines), len(listener.messages)
+            d.signal(signal.SIGHUP)
+            d.wait_log("keeping the rules in use", start=start, timeout=30)
+            assert f"{cfg}:{bomb_line}:" in d.text and "more than 100,000 values" in d.text
+            # systemd hears READY=1 again, and the status says the reload failed, until one succeeds.
+            ready = listener.wait_for("READY", "1", after=mark, timeout=30)
+            assert ready["STATUS"].startswith("reload failed, old rules in use: ") and f":{bomb_line}:" in ready["STATUS"]
+            # The same with a 900-deep list; then it still takes files under the old rules.
+            cfg.write_text(good.replace("output: out", "output: out\n  include: " + "[" * 900 + "]" * 900))
+            start = len(d.lines)
+            d.signal(signal.SIGHUP)
+            d.wait_log("keeping the rules in use", start=start, timeout=30)
+            assert "nested more than 32 levels deep" in d.text
+            write_image(tmp_path / "in" / "b.png", 2)
+            wait_until(lambda: len(files(tmp_path / "out")) == 2, 60, "an output after the bad reloads")
+            assert d.proc.poll() is None and "Traceback" not in d.text
+            # A good file again: the status forgets the failure.
+            cfg.write_text(good)
+            mark = len(listener.messages)
+            d.signal(signal.SIGHUP)
+            ready = listener.wait_for("READY", "1", after=mark, timeout=30)
+            assert "reload failed" not in ready["STATUS"]
+            assert d.stop() == 0
+    finally:
+        listener.close()
+
+
+def test_a_second_daemon_with_another_journal_on_the_same_inbox_is_refused(tmp_path):
+    from daemon_util import Daemon, files, journal_rows, make_config, wait_until
+
+    cfg_a = make_config(tmp_path, [{"rule": "r", "watch": "in", "output": "out"}], name="a.yaml")
+    cfg_b = make_config(tmp_path, [{"rule": "r", "watch": "in", "output": "out"}],
+                        settings={"journal": "state-b/journal.sqlite"}, name="b.yaml")
+    with Daemon(cfg_a) as a:
+        a.start()
+        with Daemon(cfg_b) as b:
+            b.start(wait_ready=False)
+            assert b.proc.wait(60) == 2
+            line = b.wait_log("cannot start")
+            assert f"{tmp_path / 'in'} is already watched by nst-daemon pid {a.proc.pid}" in line
+            assert f"with the journal {tmp_path / 'state' / 'journal.sqlite'}" in line
+        for i in range(3):
+            write_image(tmp_path / "in" / f"p{i}.png", i)
+        wait_until(lambda: len(files(tmp_path / "in" / "processed")) == 3, 60, "three inputs done")
+        # Instances that share the journal share the folder (nst-daemon@N): a second one starts.
+        with Daemon(cfg_a, "--instance", "two", "--socket", "none") as a2:
+            a2.start()
+            assert a2.stop() == 0
+        assert a.stop() == 0
+    assert [p.name for p in files(tmp_path / "out")] == ["p0_r.png", "p1_r.png", "p2_r.png"]  # once each
+    assert len(journal_rows(tmp_path / "state" / "journal.sqlite")) == 3
+    assert not (tmp_path / "state-b" / "journal.sqlite").exists() or not journal_rows(tmp_path / "state-b" / "journal.sqlite")
+    assert not [p for p in (tmp_path / "in").iterdir() if p.name.startswith(".nst-daemon")]  # lock files removed
+    # Once the first daemon is gone (even killed), the second may take the folder.
+    with Daemon(cfg_a) as a:
+        a.start()
+        a.kill9()
+    with Daemon(cfg_b) as b:
+        b.start()
+        assert b.stop() == 0
+
+
+def test_dry_run_and_check_config_by_hand_read_the_running_services_journal(tmp_path):
+    from daemon_util import Daemon, files, make_config, wait_until
+
+    # As under systemd: the journal is $STATE_DIRECTORY/journal.sqlite and the socket $RUNTIME_DIRECTORY/nst.sock.
+    cfg = make_config(tmp_path, [{"rule": "r", "watch": "in", "output": "out", "keep_inputs": True}],
+                      settings={"journal": None, "socket": "default"})
+    service_env = {"STATE_DIRECTORY": str(tmp_path / "lib"), "RUNTIME_DIRECTORY": str(tmp_path / "run")}
+    (tmp_path / "run").mkdir()
+    by_hand = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "user-state"), "PYTHONPATH": str(REPO)}
+    for k in ("STATE_DIRECTORY", "RUNTIME_DIRECTORY"):
+        by_hand.pop(k, None)
+    write_image(tmp_path / "in" / "done.png", 1)
+    with Daemon(cfg, env=service_env) as d:
+        d.start()
+        wait_until(lambda: files(tmp_path / "out"), 60, "the output")
+        dry = subprocess.run([sys.executable, "-m", "daemon.main", "--config", str(cfg), "--dry-run"], cwd=REPO,
+                             env=by_hand, capture_output=True, text=True, timeout=120)
+        check = subprocess.run([sys.executable, "-m", "daemon.main", "--config", str(cfg), "--check-config"],
+                               cwd=REPO, env=by_hand, capture_output=True, text=True, timeout=120)
+        assert d.stop() == 0
+    assert dry.returncode == 0, dry.stderr
+    assert f"journal {tmp_path / 'lib' / 'journal.sqlite'} (the journal of the running nst-daemon pid {d.proc.pid}" \
+        in dry.stdout
+    assert f"rule r: {tmp_path / 'in' / 'done.png'}: done already" in dry.stdout  # was: "would process"
+    assert "0 file(s) to process" in dry.stdout
+    assert not (tmp_path / "user-state").exists()
+    assert check.returncode == 0, check.stderr
+    assert f"(as run now, by hand; under systemd: $STATE_DIRECTORY/journal.sqlite)" in check.stdout
+    assert (f"running now: nst-daemon pid {d.proc.pid}" in check.stdout
+            and f"journal {tmp_path / 'lib' / 'journal.sqlite'}, socket {tmp_path / 'run' / 'nst.sock'}; "
+                f"watching {tmp_path / 'in'}" in check.stdout), check.stdout
+    # With the service stopped, the dry run says which journal it read.
+    dry = subprocess.run([sys.executable, "-m", "daemon.main", "--config", str(cfg), "--dry-run"], cwd=REPO,
+                         env=by_hand, capture_output=True, text=True, timeout=120)
+    assert f"journal {tmp_path / 'user-state' / 'nst-daemon' / 'journal.sqlite'} (no nst-daemon watches this " \
+           "folder now; the journal it would use run as now): none yet" in dry.stdout
+
+
+def test_a_journal_path_that_is_a_folder_stops_the_start_with_exit_2_not_a_traceback(tmp_path):
+    from daemon_util import Daemon, make_config
+
+    cfg = make_config(tmp_path, [{"rule": "r", "watch": "in", "output": "out"}], settings={"journal": None})
+    (tmp_path / "lib" / "journal.sqlite").mkdir(parents=True)  # the default under systemd is a folder
+    with Daemon(cfg, env={"STATE_DIRECTORY": str(tmp_path / "lib")}) as d:
+        d.start(wait_ready=False)
+        assert d.proc.wait(60) == 2
+        line = d.wait_log("cannot start")
+    assert f"journal {tmp_path / 'lib' / 'journal.sqlite'}: is a folder" in line and "Traceback" not in d.text
