@@ -389,6 +389,20 @@ def test_a_second_daemon_with_another_journal_on_the_same_inbox_is_refused(tmp_p
         for i in range(3):
             write_image(tmp_path / "in" / f"p{i}.png", i)
         wait_until(lambda: len(files(tmp_path / "in" / "processed")) == 3, 60, "three inputs done")
+        # A reload that would take a folder another journal's daemon watches fails, and keeps the rules.
+        cfg_b2 = make_config(tmp_path, [{"rule": "r2", "watch": "in2", "output": "out2"}],
+                             settings={"journal": "state-b/journal.sqlite"}, name="b2.yaml")
+        with Daemon(cfg_b2) as b2:
+            b2.start()
+            make_config(tmp_path, [{"rule": "r", "watch": "in", "output": "out"},
+                                   {"rule": "r2", "watch": "in2", "output": "out2"}], name="a.yaml")
+            start = len(a.lines)
+            a.signal(signal.SIGHUP)
+            line = a.wait_log("reload of", start=start, timeout=30)
+            assert "failed; keeping the rules in use" in line, line
+            assert f"{tmp_path / 'in2'} is already watched by nst-daemon pid {b2.proc.pid}" in a.text
+            assert b2.stop() == 0
+        make_config(tmp_path, [{"rule": "r", "watch": "in", "output": "out"}], name="a.yaml")
         # Instances that share the journal share the folder (nst-daemon@N): a second one starts.
         with Daemon(cfg_a, "--instance", "two", "--socket", "none") as a2:
             a2.start()
