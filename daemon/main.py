@@ -207,17 +207,20 @@ class Daemon:
         try:
             for rule in config.rules:
                 for root in rule.watch:
-                    if rule.create and not root.exists():
-                        root.mkdir(parents=True, exist_ok=True)
-                        log.info("rule %s: created %s", rule.name, root)
-                    if not root.is_dir() or root in self.locks.held:
-                        continue
-                    warning = self.locks.acquire(root)
+                    try:
+                        if rule.create and not root.exists():
+                            root.mkdir(parents=True, exist_ok=True)
+                            log.info("rule %s: created %s", rule.name, root)
+                        if not root.is_dir() or root in self.locks.held:
+                            continue
+                        warning = self.locks.acquire(root)
+                    except OSError as e:
+                        raise NSTError(f"rule {rule.name}: {root}: {e.strerror or e}") from None
                     if warning:
                         log.warning("rule %s: %s", rule.name, warning)
                     elif root in self.locks.held:
                         new.append(root)
-        except (NSTError, OSError):
+        except NSTError:
             for root in new:
                 self.locks.release(root)
             raise
