@@ -5,7 +5,8 @@ position. Engine parameters are validated by `StyleParams.from_mapping`, the one
 names and defaults; this module holds only the daemon's own settings.
 
 Relative paths in the file are relative to the folder that holds the file (so a config and its
-folders can move together, and the service does not depend on its working directory).
+folders can move together, and the service does not depend on its working directory); ~ and
+$VAR/${VAR} are expanded, and an unset variable is an error.
 """
 
 from __future__ import annotations
