@@ -12,6 +12,7 @@ $VAR/${VAR} are expanded, and an unset variable is an error.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import fnmatch
 import hashlib
 import json
@@ -451,7 +452,8 @@ class _Loader:
         except yaml.MarkedYAMLError as e:
             self.problem(node, key, f"cannot read value ({e.problem or e})")
             return _BAD
-        except (yaml.YAMLError, ValueError, TypeError, OverflowError) as e:  # e.g. a 5000-digit number, month 13
+        except Exception as e:  # noqa: BLE001 - PyYAML's constructors raise ValueError (a 5000-digit number),
+            # AttributeError (!!timestamp 2001-99), ... for values they cannot build
             self.problem(node, key, f"cannot read value ({e})")
             return _BAD
 
@@ -492,7 +494,12 @@ class _Loader:
         if q is None:
             return None
         q = Path(q)
-        return Path(os.path.normpath(q if q.is_absolute() else self.base / q))
+        path = Path(os.path.normpath(q if q.is_absolute() else self.base / q))
+        why = access_problem(path)
+        if why:
+            self.problem(node, key, why)
+            return None
+        return path
 
     def expand(self, p: str, node=None, key: str = "") -> str | None:
         """~ and $VAR/${VAR}; an unset variable is a problem (None), not a folder literally named "$VAR"."""
@@ -752,7 +759,11 @@ class _Loader:
                         self.problem(m["style"][1], f"{key}.style", msg)
                         ok = False
                     else:
-                        style_hashes.append(file_hash(f) if f.exists() else "")
+                        try:
+                            style_hashes.append(file_hash(f))
+                        except OSError as e:
+                            self.problem(m["style"][1], f"{key}.style", f"{f}: cannot read ({e.strerror or e})")
+                            ok = False
                     styles.append(f)
         output = None
         if "output" in m:
@@ -958,8 +969,23 @@ def _inside(child: Path, parent: Path) -> bool:
 _VAR = re.compile(r"\$(?:([A-Za-z_][A-Za-z0-9_]*)|\{([A-Za-z_][A-Za-z0-9_]*)\})")
 
 
+def access_problem(path: Path) -> str | None:
+    """Why `path` cannot even be looked at (a name too long, a folder on the way this user may not
+    enter), or None; a path that does not exist is no problem here."""
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:
+        return f"{path}: {e.strerror or e}" + (" (for this user)" if e.errno in (errno.EACCES, errno.EPERM) else "")
+    return None
+
+
 def journal_problem(path: Path) -> str | None:
     """Why the journal cannot be at `path`, or None (the file and its folder may not exist yet)."""
+    why = access_problem(path)
+    if why:
+        return why
     if path.is_dir():
         return f"{path}: is a folder; give the journal's file name (for example {path / 'journal.sqlite'})"
     for parent in path.parents:

@@ -121,6 +121,8 @@ CASES = [
     (GOOD.replace("    watch: inbox", "    watch: $NST_TEST_UNSET/inbox"), 7, "rules.one.watch",
      "$NST_TEST_UNSET/inbox: the environment variable $NST_TEST_UNSET is not set"),
     (GOOD.replace("    output: out", "    output: ${NST_TEST_UNSET}/out"), 9, "rules.one.output", "is not set"),
+    (GOOD.replace("    watch: inbox", "    watch: " + "x" * 300), 7, "rules.one.watch", "File name too long"),
+    (GOOD.replace("    style: style.png", "    style: " + "s" * 300 + ".png"), 8, "rules.one.style", "File name too long"),
     # Issue 8.4: only names that can be written (nst_core.images.SAVE_FORMATS, as save_image).
     (GOOD.replace("    output: out", "    output: out\n    name: '{stem}.gif'"), 10, "rules.one.name",
      "an image extension that can be written (.bmp, .jpeg, .jpg, .png, .tif, .tiff, .webp)"),
@@ -130,6 +132,8 @@ CASES = [
     # YAML that Python cannot hold: a parse error for that value, not a traceback.
     (GOOD.replace("      size: 64", "      size: " + "9" * 5000), 11, "rules.one.params.size", "cannot read value"),
     (GOOD.replace("    output: out", "    output: out\n    min_input_side: !!binary 'xyz!'"), 10,
+     "rules.one.min_input_side", "cannot read value"),
+    (GOOD.replace("    output: out", "    output: out\n    min_input_side: !!timestamp 2001-99"), 10,
      "rules.one.min_input_side", "cannot read value"),
 ]
 
@@ -468,3 +472,34 @@ def test_a_journal_path_that_is_a_folder_stops_the_start_with_exit_2_not_a_trace
         assert d.proc.wait(60) == 2
         line = d.wait_log("cannot start")
     assert f"journal {tmp_path / 'lib' / 'journal.sqlite'}: is a folder" in line and "Traceback" not in d.text
+
+
+def test_any_mangled_file_is_a_config_or_a_config_error_never_another_exception(folder):
+    """Seeded mutations of config.yaml and GOOD (YAML tokens, tags, anchors, deletions): load_config
+    either loads or raises ConfigError (before: AttributeError for `!!timestamp 2001-99`, ...)."""
+    import random
+
+    base = (REPO / "config.yaml").read_text().replace("nst_core/samples/gravel.png", "style.png")
+    tokens = ["[", "]", "{", "}", ":", "- ", "&a ", "*a", "!!binary ", "!!int ", "!!float ", "!!map ", "!!seq ",
+              "? ", "|", ">", "'", '"', ".inf", ".nan", "~", "null", "0x1F", "9" * 30, "\t", "\n", "  ", "---\n",
+              "%YAML 1.1\n", "!!set ", "!!timestamp 2001-99", "!!timestamp 2001-12-14", "<<: *a", "$HOME", "${X}",
+              "9" * 5000, "[" * 400, "!!timestamp 2001-99 ", "!!float 1e999999",
+              "..", "\u2028"]
+    rng = random.Random(7)
+    path = folder / "config.yaml"
+    loaded = 0
+    for _ in range(400):
+        text = rng.choice([base, GOOD])
+        for _ in range(rng.randint(1, 4)):
+            pos = rng.randrange(len(text) + 1)
+            if rng.random() < 0.3:
+                text = text[:pos] + text[pos + rng.randint(1, 20):]
+            else:
+                text = text[:pos] + rng.choice(tokens) + text[pos:]
+        path.write_text(text)
+        try:
+            load_config(path, check_styles=False)
+            loaded += 1
+        except ConfigError as e:
+            assert e.problems and all(str(p).startswith(str(path)) for p in e.problems)
+    assert 0 < loaded < 400  # both outcomes were exercised
