@@ -5,15 +5,18 @@ position. Engine parameters are validated by `StyleParams.from_mapping`, the one
 names and defaults; this module holds only the daemon's own settings.
 
 Relative paths in the file are relative to the folder that holds the file (so a config and its
-folders can move together, and the service does not depend on its working directory).
+folders can move together, and the service does not depend on its working directory); ~ and
+$VAR/${VAR} are expanded, and an unset variable is an error.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import fnmatch
 import hashlib
 import json
+import math
 import os
 import re
 import string
@@ -67,6 +70,13 @@ COLLISIONS = ("overwrite", "number", "skip")
 TOP_KEYS = ("settings", "defaults", "rules")
 TEMPLATE_FIELDS = ("stem", "rule", "style", "ext", "date", "time")
 _RULE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+# Bounds on the file itself, checked on the YAML event stream before anything is built from it,
+# so that no file (a 900-deep list, a "billion laughs" alias bomb) can exhaust the stack or the
+# memory of a running daemon at reload. A real rule file is a few kB, 5 levels deep.
+MAX_FILE_BYTES = 1 << 20
+MAX_DEPTH = 32
+MAX_VALUES = 100_000  # scalars and collections, counting each alias as everything it stands for
 
 # ---- errors ---------------------------------------------------------------------------------------
 
@@ -278,13 +288,23 @@ def check_template(template: str) -> str | None:
     p = Path(sample)
     if p.is_absolute() or ".." in p.parts or any(is_ignored_name(x) for x in p.parts):
         return f"must give a relative name without '..' or hidden/temporary parts (example: {sample!r})"
-    if "{ext}" not in template.replace(" ", ""):
-        from PIL import Image
-
-        fmt = Image.registered_extensions().get(p.suffix.lower())
-        if fmt is None or fmt not in Image.SAVE:
-            return f"the name must end in an image extension Pillow can write, or in {{ext}} (example: {sample!r})"
+    if output_suffix(template) is not None and output_suffix(template) not in _save_formats():
+        return (f"the name must end in an image extension that can be written ({', '.join(sorted(_save_formats()))}),"
+                f" or in {{ext}} (example: {sample!r})")
     return None
+
+
+def output_suffix(template: str) -> str | None:
+    """The extension every output name gets, or None where it is the input's ({ext})."""
+    a, b = (Path(render_template(template, Path("photo" + e), "rule", [Path("style.png")])).suffix.lower()
+            for e in (".jpg", ".png"))
+    return a if a == b else None
+
+
+def _save_formats() -> dict:
+    from nst_core.images import SAVE_FORMATS  # the one list of writable formats, also used by save_image
+
+    return SAVE_FORMATS
 
 
 # ---- loading -------------------------------------------------------------------------------------
@@ -303,6 +323,7 @@ class _Loader:
         self.check_styles = check_styles
         self.problems: list[Problem] = []
         self.watch_nodes: dict = {}
+        self.folder_nodes: dict = {}  # (rule name, "processed"/"failed") → value node
 
     # -- problems --
     def problem(self, node, key: str, message: str) -> None:
@@ -313,12 +334,74 @@ class _Loader:
 
     def load(self) -> Config:
         try:
-            text = self.path.read_text(encoding="utf-8")
+            return self._load()
+        except (RecursionError, MemoryError) as e:  # the bounds should make these impossible; never a traceback
+            raise ConfigError([Problem(str(self.path), None, None, "", f"too large or too deeply nested to read "
+                                       f"({type(e).__name__})")]) from None
+
+    def read(self) -> str:
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read(MAX_FILE_BYTES + 1)
         except FileNotFoundError:
             raise ConfigError([Problem(str(self.path), None, None, "", "no such file")]) from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError([Problem(str(self.path), None, None, "", f"cannot read ({e})")]) from None
+        except OSError as e:
+            raise ConfigError([Problem(str(self.path), None, None, "", f"cannot read ({e.strerror or e})")]) from None
+        if len(data) > MAX_FILE_BYTES:
+            raise ConfigError([Problem(str(self.path), None, None, "", f"larger than {MAX_FILE_BYTES // 1024} kB; "
+                                       "a rule file is a few kB (is this the right file?)")])
         try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = data[:e.start].count(b"\n") + 1
+            raise ConfigError([Problem(str(self.path), line, None, "", f"not UTF-8 text ({e.reason})")]) from None
+
+    def bounds(self, text: str) -> None:
+        """Refuse, from the event stream alone, nesting deeper than MAX_DEPTH and aliases that
+        expand to more than MAX_VALUES values (PyYAML's parser is iterative; its composer and
+        constructor recurse, and anything that walks an alias bomb's structure is exponential)."""
+        open_: list[list] = []  # per open collection: [values inside so far, its anchor]
+        sizes: dict[str, int] = {}  # anchor → how many values it stands for
+        total = 0
+
+        def fail(event, message):
+            mark = event.start_mark
+            raise ConfigError([Problem(str(self.path), mark.line + 1, mark.column + 1, "", message)])
+
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.CollectionStartEvent):
+                if len(open_) >= MAX_DEPTH:
+                    fail(event, f"nested more than {MAX_DEPTH} levels deep; a rule file needs about 5")
+                open_.append([1, event.anchor])
+                n = 1
+            elif isinstance(event, yaml.CollectionEndEvent):
+                size, anchor = open_.pop()
+                if anchor is not None:
+                    sizes[anchor] = size
+                if open_:
+                    open_[-1][0] += size
+                continue
+            elif isinstance(event, yaml.ScalarEvent):
+                n = 1
+                if event.anchor is not None:
+                    sizes[event.anchor] = 1
+            elif isinstance(event, yaml.AliasEvent):
+                if any(a == event.anchor for _, a in open_):
+                    fail(event, f"the alias *{event.anchor} is inside the value it names (a recursive structure)")
+                n = sizes.get(event.anchor, 1)  # an undefined alias is the composer's error
+            else:
+                continue
+            total += n
+            if total > MAX_VALUES:
+                fail(event, f"holds more than {MAX_VALUES:,} values once its aliases are expanded"
+                            + (f" (*{event.anchor} alone stands for {n:,})" if isinstance(event, yaml.AliasEvent) else ""))
+            if open_ and not isinstance(event, yaml.CollectionStartEvent):
+                open_[-1][0] += n
+
+    def _load(self) -> Config:
+        text = self.read()
+        try:
+            self.bounds(text)
             docs = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
         except yaml.MarkedYAMLError as e:
             mark = e.problem_mark or e.context_mark
@@ -368,7 +451,11 @@ class _Loader:
     def value(self, node, key: str) -> Any:
         try:
             return yaml.constructor.SafeConstructor().construct_document(node)
-        except yaml.YAMLError as e:
+        except yaml.MarkedYAMLError as e:
+            self.problem(node, key, f"cannot read value ({e.problem or e})")
+            return _BAD
+        except Exception as e:  # noqa: BLE001 - PyYAML's constructors raise ValueError (a 5000-digit number),
+            # AttributeError (!!timestamp 2001-99), ... for values they cannot build
             self.problem(node, key, f"cannot read value ({e})")
             return _BAD
 
@@ -403,9 +490,37 @@ class _Loader:
             return _BAD
         return tuple(v)
 
-    def resolve(self, p: str) -> Path:
-        q = Path(os.path.expandvars(os.path.expanduser(p)))
-        return Path(os.path.normpath(q if q.is_absolute() else self.base / q))
+    def resolve(self, p: str, node=None, key: str = "") -> Path | None:
+        """A path from the file: ~ and $VAR/${VAR} expanded, relative to the file's folder (None: a problem)."""
+        q = self.expand(p, node, key)
+        if q is None:
+            return None
+        q = Path(q)
+        path = Path(os.path.normpath(q if q.is_absolute() else self.base / q))
+        why = access_problem(path)
+        if why:
+            self.problem(node, key, why)
+            return None
+        return path
+
+    def expand(self, p: str, node=None, key: str = "") -> str | None:
+        """~ and $VAR/${VAR}; an unset variable is a problem (None), not a folder literally named "$VAR"."""
+        missing = []
+
+        def var(m):
+            name = m.group(1) or m.group(2)
+            if name not in os.environ:
+                missing.append(name)
+                return m.group(0)
+            return os.environ[name]
+
+        out = _VAR.sub(var, os.path.expanduser(p))
+        if missing:
+            self.problem(node, key, f"{p}: the environment variable {', '.join('$' + m for m in missing)} is not set"
+                                    + (" (systemd gives a service only the variables its unit sets: Environment=)"
+                                       if "INVOCATION_ID" in os.environ else ""))
+            return None
+        return out
 
     # -- sections --
     def settings(self, entry) -> Settings:
@@ -419,6 +534,9 @@ class _Loader:
 
         def nonneg(v):
             return None if v >= 0 else f"must be at least 0, got {v}"
+
+        def finite(v):
+            return None if math.isfinite(v) else f"must be a number of seconds, got {v}"
 
         for name, e in m.items():
             key = f"settings.{name}"
@@ -435,10 +553,15 @@ class _Loader:
                     values[name] = devs
             elif name == "journal":
                 v = self.scalar(e, key, str, allow_none=True)
-                values[name] = None if v in (None, _BAD) else self.resolve(v)
+                values[name] = None if v in (None, _BAD) else self.resolve(v, e[1], key)
+                if values[name] is not None:
+                    why = journal_problem(values[name])
+                    if why:
+                        self.problem(e[1], key, why)
             elif name == "socket":
                 v = self.scalar(e, key, str, allow_none=True)
-                values[name] = None if v is None else ("default" if v in (_BAD, "default") else self.resolve(v))
+                values[name] = None if v is None else ("default" if v in (_BAD, "default")
+                                                       else self.resolve(v, e[1], key) or "default")
             elif name == "socket_group":
                 from nst_core.service.access import socket_group_problem
 
@@ -455,7 +578,8 @@ class _Loader:
                 v = self.scalar(e, key, int, lambda v: None if v >= 1 else f"must be at least 1, got {v}")
                 values[name] = SETTINGS_DEFAULTS[name] if v is _BAD else v
             else:  # seconds
-                v = self.scalar(e, key, num, nonneg if name in ("settle", "stop_timeout") else positive)
+                v = self.scalar(e, key, num, lambda v, n=name: finite(v) or (nonneg if n in ("settle", "stop_timeout")
+                                                                             else positive)(v))
                 values[name] = SETTINGS_DEFAULTS[name] if v is _BAD else float(v)
         devices = values.pop("device")
         return Settings(devices=(devices,) if isinstance(devices, str) else tuple(devices), **values)
@@ -564,6 +688,15 @@ class _Loader:
             r = self.scalar(m["name"], f"{key}.name", str, check_template)
             ok &= r is not _BAD
             v["name"] = r
+        if ok and output_suffix(v["name"]) is None:
+            # {ext}: the output takes the input's format, so every format the rule takes must be writable.
+            unwritable = [g for g in v["include"] if _literal_suffix(g) and _literal_suffix(g) not in _save_formats()]
+            if unwritable:
+                self.problem((m.get("include") or m.get("name") or (None, node))[1], f"{key}.include",
+                             f"takes {', '.join(unwritable)}, but the name {v['name']!r} keeps the input's extension "
+                             f"and those cannot be written; end the name in one of "
+                             f"{', '.join(sorted(_save_formats()))} (for example {{stem}}_{{rule}}.png)")
+                ok = False
         if "on_collision" in m:
             r = self.scalar(m["on_collision"], f"{key}.on_collision", str, lambda x: None if x in COLLISIONS
                             else f"must be one of {', '.join(COLLISIONS)}, got {x!r}")
@@ -574,7 +707,9 @@ class _Loader:
                 r = self.scalar(m[k], f"{key}.{k}", str, lambda x: None if x.strip() and ".." not in Path(x).parts
                                 else "must be a folder name (relative to each watched folder) or an absolute path")
                 ok &= r is not _BAD
-                v[k] = r
+                v[k] = r if r is _BAD else self.expand(r, m[k][1], f"{key}.{k}")
+                ok &= v[k] not in (_BAD, None)
+                self.folder_nodes[(name, k)] = m[k][1]
         if "min_input_side" in m:
             r = self.scalar(m["min_input_side"], f"{key}.min_input_side", int,
                             lambda x: None if 1 <= x <= 16384 else f"must be between 1 and 16384, got {x}")
@@ -596,7 +731,10 @@ class _Loader:
                 ok = False
             else:
                 for p in r:
-                    d = self.resolve(p)
+                    d = self.resolve(p, m["watch"][1], f"{key}.watch")
+                    if d is None:
+                        ok = False
+                        continue
                     if not d.is_dir() and not (create and not d.exists()):
                         what = "is not a folder" if d.exists() else "no such folder (create it, or set create: true)"
                         self.problem(m["watch"][1], f"{key}.watch", f"{d}: {what}")
@@ -609,19 +747,27 @@ class _Loader:
                     ok = False
         styles: list[Path] = []
         style_hashes: list[str] = []
+        pictures: list = []  # the decoded style images (when check_styles)
         if "style" in m:
             r = self.str_list(m["style"], f"{key}.style")
             if r is _BAD:
                 ok = False
             else:
                 for p in r:
-                    f = self.resolve(p)
-                    msg = self.check_style(f)
+                    f = self.resolve(p, m["style"][1], f"{key}.style")
+                    if f is None:
+                        ok = False
+                        continue
+                    msg = self.check_style(f, pictures)
                     if msg:
                         self.problem(m["style"][1], f"{key}.style", msg)
                         ok = False
                     else:
-                        style_hashes.append(file_hash(f) if f.exists() else "")
+                        try:
+                            style_hashes.append(file_hash(f))
+                        except OSError as e:
+                            self.problem(m["style"][1], f"{key}.style", f"{f}: cannot read ({e.strerror or e})")
+                            ok = False
                     styles.append(f)
         output = None
         if "output" in m:
@@ -629,8 +775,10 @@ class _Loader:
             if r is _BAD:
                 ok = False
             else:
-                output = self.resolve(r)
-                if output.exists() and not output.is_dir():
+                output = self.resolve(r, m["output"][1], f"{key}.output")
+                if output is None:
+                    ok = False
+                elif output.exists() and not output.is_dir():
                     self.problem(m["output"][1], f"{key}.output", f"{output}: is not a folder")
                     ok = False
                 elif output in watch:
@@ -661,6 +809,14 @@ class _Loader:
             self.problem(param_node("style_blend"), f"{key}.params.style_blend",
                          f"has {len(params.style_blend)} weights for {len(styles)} style images")
             ok = False
+        if ok and pictures and params.style_weight > 0:
+            from nst_core.engine import check_style_sizes
+
+            try:
+                check_style_sizes(params, pictures)
+            except ParamError as e:
+                self.problem(m["style"][1], f"{key}.style", e.message.partition(": ")[2])
+                ok = False
         if not ok:
             return None
         pixel_params = {k: val for k, val in params.to_mapping().items() if k != "device"}
@@ -674,7 +830,8 @@ class _Loader:
             min_input_side=v["min_input_side"], version=version, line=node.start_mark.line + 1,
         )
 
-    def check_style(self, f: Path) -> str | None:
+    def check_style(self, f: Path, pictures: list) -> str | None:
+        """Why the style image `f` cannot be used, or None (its decoded picture is added to `pictures`)."""
         if not f.exists():
             return f"{f}: no such style image"
         if not f.is_file():
@@ -684,7 +841,7 @@ class _Loader:
         from nst_core.images import load_image
 
         try:
-            load_image(f)
+            pictures.append(load_image(f))
         except NSTError as e:
             return e.message
         except Exception as e:  # noqa: BLE001 - any decoder failure is a bad style image
@@ -707,23 +864,53 @@ class _Loader:
                         continue
                     self.problem(self.watch_nodes.get(rule.name), f"rules.{rule.name}.watch", msg)
                 seen.append((d, rule))
+        # Inputs moved to processed/ or failed/ must leave every watched folder, or they are taken again
+        # (processed: "." renamed p.png to p-1.png, p-1-1.png, ... forever).
+        watched = {_real(d): (d, r) for r in rules for d in r.watch}
+        for rule in rules:
+            for k in ("processed", "failed"):
+                for root in rule.watch:
+                    dest = _under(root, getattr(rule, k))
+                    hit = watched.get(_real(dest))
+                    if hit is None and dest != root:
+                        continue
+                    d, other = hit or (root, rule)
+                    whose = "this rule's" if other is rule else f"rule {other.name!r}'s"
+                    self.problem(self.folder_nodes.get((rule.name, k), self.watch_nodes.get(rule.name)),
+                                 f"rules.{rule.name}.{k}", f"{dest} is {whose} watched folder {d}: files moved there "
+                                 "would be taken again, forever; use a folder inside it (the default, "
+                                 f"{RULE_DEFAULTS[k]!r}) or one outside every watched folder")
+                    break
 
 
 # ---- describing (--check-config) -----------------------------------------------------------------
 
 
-def describe(config: Config, env=None) -> str:
-    """What each rule would do, for people (nst-daemon --check-config)."""
+def describe(config: Config, env=None, running=()) -> str:
+    """What each rule would do, for people (nst-daemon --check-config). `running`: the live
+    daemons (folderlock.Holder) that watch the rules' folders now, whose journal and socket are
+    the service's even where this process would use others (run by hand, not under systemd)."""
     from .watch import fs_type, network_fs
 
+    env = os.environ if env is None else env
     s = config.settings
     sock = s.socket_path(env)
+    by_hand = "" if s.journal is not None or env.get("STATE_DIRECTORY") else \
+        " (as run now, by hand; under systemd: $STATE_DIRECTORY/journal.sqlite)"
     lines = [f"config {config.path}: {len(config.rules)} rule(s), valid",
-             f"  devices: {', '.join(s.devices)}; journal: {s.journal_path(env)}",
+             f"  devices: {', '.join(s.devices)}; journal: {s.journal_path(env)}{by_hand}",
              f"  job service socket: {sock if sock else 'off'}"
              + (f" (group {s.socket_group}, 0660)" if sock and s.socket_group else " (0600)" if sock else ""),
              f"  scan every {s.scan_interval:g}s; settle {s.settle:g}s; max attempts {s.max_attempts}; "
              f"reload on change: {'yes' if s.reload_on_change else 'no (SIGHUP)'}"]
+    groups: dict = {}
+    for h in running:
+        groups.setdefault((h.pid, h.user, h.journal, h.socket), []).append(str(h.path.parent))
+    for (pid, user, journal, socket), folders in groups.items():
+        lines.append(f"  running now: nst-daemon pid {pid}" + (f" (user {user})" if user else "")
+                     + f", journal {journal}, socket {socket or 'off'}; watching {', '.join(folders)}")
+    if not running:
+        lines.append("  running now: no nst-daemon watches these folders")
     for r in config.rules:
         lines.append(f"rule {r.name} (version {r.version}):")
         for d in r.watch:
@@ -765,12 +952,52 @@ def _under(root: Path, folder: str) -> Path:
     return p if p.is_absolute() else root / p
 
 
+def _real(p: Path) -> str:
+    return os.path.realpath(p)
+
+
+def _literal_suffix(pattern: str) -> str | None:
+    """The extension an include glob fixes (``*.gif`` → ``.gif``), or None where it is open (``*``, ``*.*``)."""
+    suffix = Path(pattern.split("/")[-1]).suffix.lower()
+    return suffix if suffix and not any(c in suffix for c in "*?[") else None
+
+
 def _inside(child: Path, parent: Path) -> bool:
     try:
         child.relative_to(parent)
         return child != parent
     except ValueError:
         return False
+
+
+_VAR = re.compile(r"\$(?:([A-Za-z_][A-Za-z0-9_]*)|\{([A-Za-z_][A-Za-z0-9_]*)\})")
+
+
+def access_problem(path: Path) -> str | None:
+    """Why `path` cannot even be looked at (a name too long, a folder on the way this user may not
+    enter), or None; a path that does not exist is no problem here."""
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:
+        return f"{path}: {e.strerror or e}" + (" (for this user)" if e.errno in (errno.EACCES, errno.EPERM) else "")
+    return None
+
+
+def journal_problem(path: Path) -> str | None:
+    """Why the journal cannot be at `path`, or None (the file and its folder may not exist yet)."""
+    why = access_problem(path)
+    if why:
+        return why
+    if path.is_dir():
+        return f"{path}: is a folder; give the journal's file name (for example {path / 'journal.sqlite'})"
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                return f"{path}: {parent} is not a folder"
+            break
+    return None
 
 
 def _kind(node) -> str:
@@ -780,7 +1007,7 @@ def _kind(node) -> str:
         return "a mapping"
     if isinstance(node, yaml.SequenceNode):
         return "a list"
-    return repr(node.value) if node.value != "" else "an empty value"
+    return _clip(repr(node.value)) if node.value != "" else "an empty value"
 
 
 def _kind_name(kind) -> str:
@@ -791,7 +1018,11 @@ def _kind_name(kind) -> str:
 def _show(v) -> str:
     if v is None:
         return "nothing"
-    return repr(v)
+    return _clip(repr(v))
+
+
+def _clip(text: str, limit: int = 100) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _short(v) -> str:

@@ -3,6 +3,7 @@
     nst-daemon --config FILE                 run
     nst-daemon --config FILE --check-config  validate; print what each rule would do (exit 0, or 2)
     nst-daemon --config FILE --dry-run       list the files it would process now
+    nst-daemon --units-dir                   the folder with the systemd units and their README
 
 One process: rules and watchers, the journal, one folder worker per device, and the local job
 service socket, all on one shared `Scheduler`, so GIMP's interactive jobs run before folder
@@ -19,6 +20,7 @@ import logging
 import math
 import os
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -26,7 +28,8 @@ from pathlib import Path
 
 from nst_core.errors import NSTError
 
-from .config import Config, ConfigError, Rule, describe, load_config
+from .config import Config, ConfigError, Rule, describe, journal_problem, load_config
+from .folderlock import FolderLocks, live_holders
 from .journal import Identity, Job, Journal
 from .names import show
 from .notify import Notifier
@@ -121,6 +124,8 @@ class Daemon:
         self._style_lock = threading.Lock()
         self._later: set[Path] = set()
         self._lock_fd: int | None = None
+        self.locks: FolderLocks | None = None
+        self._reload_error: str | None = None  # the last reload's errors, until one succeeds
         self._status_dirty = True
         self._last_status = ""
         self._config_sig = _file_sig(config.path)
@@ -188,8 +193,9 @@ class Daemon:
         s = self.config.settings
         self.server_name = server_name()
         jpath = s.journal_path(self.env)
-        self._lock_instance(jpath)
-        self.journal = Journal(jpath)
+        self._open_journal(jpath)
+        self.locks = FolderLocks(jpath, self.owner, self.socket_path)
+        self._lock_folders(self.config)
         self.recover()
         self.journal.forget_stale({(r.name, r.version) for r in self.config.rules})
         self.scheduler = Scheduler(devices=self.devices)
@@ -209,6 +215,42 @@ class Daemon:
         log.info("ready: %d rule(s), devices %s, journal %s, socket %s", len(self.config.rules),
                  ", ".join(self.scheduler.devices), jpath, self.socket_path or "off")
         self.notifier.ready(self.status_text())
+
+    def _open_journal(self, jpath: Path) -> None:
+        """The instance lock, then the journal; NSTError (exit 2, no restart) where the path cannot hold one."""
+        why = journal_problem(jpath)
+        if why:
+            raise NSTError(f"journal {why}")
+        try:
+            self._lock_instance(jpath)
+            self.journal = Journal(jpath)
+        except (OSError, sqlite3.Error) as e:
+            raise NSTError(f"journal {jpath}: cannot open it ({getattr(e, 'strerror', None) or e})") from None
+
+    def _lock_folders(self, config: Config) -> list[Path]:
+        """Hold every watched folder (FolderBusy if a daemon with another journal watches one); the new ones."""
+        new: list[Path] = []
+        try:
+            for rule in config.rules:
+                for root in rule.watch:
+                    try:
+                        if rule.create and not root.exists():
+                            root.mkdir(parents=True, exist_ok=True)
+                            log.info("rule %s: created %s", rule.name, root)
+                        if not root.is_dir() or root in self.locks.held:
+                            continue
+                        warning = self.locks.acquire(root)
+                    except OSError as e:
+                        raise NSTError(f"rule {rule.name}: {root}: {e.strerror or e}") from None
+                    if warning:
+                        log.warning("rule %s: %s", rule.name, warning)
+                    elif root in self.locks.held:
+                        new.append(root)
+        except NSTError:
+            for root in new:
+                self.locks.release(root)
+            raise
+        return new
 
     def _lock_instance(self, jpath: Path) -> None:
         jpath.parent.mkdir(parents=True, exist_ok=True)
@@ -420,6 +462,8 @@ class Daemon:
         text += f"; {c.get('done', 0)} done, {c.get('failed', 0)} failed since start"
         if self._blocked:
             text += "; waiting: " + "; ".join(f"{k}: {m}" for k, (m, _) in self._blocked.items())
+        if self._reload_error:
+            text = f"reload failed, old rules in use: {self._reload_error} | " + text
         return text
 
     def request_reload(self) -> None:
@@ -431,16 +475,22 @@ class Daemon:
         self._wake.set()
 
     def reload(self) -> bool:
-        """Read the config again; on any error keep the running rules. Returns whether it changed."""
+        """Read the config again; on any error keep the running rules (and say so in STATUS until a
+        reload succeeds). Returns whether it changed."""
         self.notifier.reloading()
         path = self.config.path
         self._config_sig = _file_sig(path)
+        taken: list[Path] = []
         try:
             new = load_config(path)
-        except ConfigError as e:
-            log.error("reload of %s failed; keeping the rules in use:" + "\n%s" * len(e.problems), path, *e.problems)
-            self.notifier.ready(self.status_text())
-            return False
+            if self.locks is not None:
+                taken = self._lock_folders(new)
+        except (ConfigError, NSTError) as e:
+            return self._reload_failed(path, e.message)
+        except Exception as e:  # noqa: BLE001 - a reload must never end the daemon
+            log.exception("reload of %s: unexpected error", path)
+            return self._reload_failed(path, f"internal error: {type(e).__name__}: {e}")
+        self._reload_error = None
         old = self.config
         fixed = ("devices", "journal", "socket", "socket_group")
         kept = {k: getattr(old.settings, k) for k in fixed}
@@ -451,6 +501,10 @@ class Daemon:
         if self.watcher is not None:
             self.watcher.stop()
         self.config = new
+        if self.locks is not None:
+            watched = {root for r in new.rules for root in r.watch}
+            for root in [r for r in self.locks.held if r not in watched]:
+                self.locks.release(root)
         logging.getLogger().setLevel(new.settings.log_level.upper())
         self.settler.settle = new.settings.settle
         self.settler.patience = new.settings.incomplete_timeout
@@ -466,10 +520,21 @@ class Daemon:
         names_old = {r.name: r.version for r in old.rules}
         changes = [f"{r.name} ({'new' if r.name not in names_old else 'changed' if names_old[r.name] != r.version else 'same'})"
                    for r in new.rules]
-        log.info("reloaded %s: %s", path, ", ".join(changes))
+        log.info("reloaded %s: %s", path, ", ".join(changes) + (f"; now also watching {', '.join(map(str, taken))}"
+                                                                if taken else ""))
         self.notifier.ready(self.status_text())
         self.changed()
         return True
+
+    def _reload_failed(self, path: Path, message: str) -> bool:
+        log.error("reload of %s failed; keeping the rules in use:\n%s", path, message)
+        first = message.splitlines()[0] if message else "unknown error"
+        more = message.count("\n")
+        self._reload_error = first + (f" (and {more} more problem{'s' if more > 1 else ''}: see the log)" if more else "")
+        self._last_status = ""
+        self.notifier.ready(self.status_text())
+        self.changed()
+        return False
 
     def shutdown(self) -> None:
         """Stop: no new jobs; the running ones finish within stop_timeout or go back to the queue."""
@@ -490,6 +555,8 @@ class Daemon:
             self.scheduler.stop(cancel_running=True, timeout=10)
         if self.journal is not None:
             self.journal.close()
+        if self.locks is not None:
+            self.locks.release_all()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -577,43 +644,74 @@ def _file_sig(path: Path):
 
 
 def dry_run(config: Config, env=None) -> int:
-    """Print what the daemon would do with the files that are there now; touches nothing."""
-    jpath = config.settings.journal_path(env)
-    journal = Journal(jpath, readonly=True) if jpath.exists() else None
-    n = 0
-    for rule in config.rules:
-        for root in rule.watch:
-            if not root.is_dir():
-                print(f"rule {rule.name}: {root} does not exist{' (created at start)' if rule.create else ''}")
-                continue
-            for p in scan(rule, root):
+    """Print what the daemon would do with the files that are there now; touches nothing.
+
+    The journal read is, per watched folder, that of the live daemon that watches it (found by its
+    lock file: the service's, when this runs by hand), else the one this process would use."""
+    own = config.settings.journal_path(env)
+    journals: dict[str, Journal | None] = {}
+
+    def journal_for(root: Path) -> Journal | None:
+        live = [h for h in live_holders([root]) if h.journal]
+        path = live[0].journal if live else str(own)
+        if path not in journals:
+            whose = (f"the journal of the running {live[0].describe().split(' with the journal')[0]}" if live
+                     else "no nst-daemon watches this folder now; the journal it would use run as now")
+            if not os.path.exists(path):
+                print(f"journal {path} ({whose}): none yet")
+                journals[path] = None
+            else:
                 try:
-                    st = os.lstat(p)
-                except OSError:
+                    journals[path] = Journal(path, readonly=True)
+                    journals[path].get(0)  # reads the file now: a permission problem shows here
+                except (OSError, sqlite3.Error) as e:
+                    raise NSTError(f"cannot read {whose}, {path} ({e}); run this as the daemon's user "
+                                   f"(for example: sudo -u {(live[0].user if live else None) or 'nst'} "
+                                   f"nst-daemon --config {config.path} --dry-run)") from None
+                print(f"journal {path} ({whose})")
+        return journals[path]
+
+    n = 0
+    try:
+        for rule in config.rules:
+            for root in rule.watch:
+                if not root.is_dir():
+                    print(f"rule {rule.name}: {root} does not exist{' (created at start)' if rule.create else ''}")
                     continue
-                ident = Identity.of(st)
-                job = journal.by_input(p, ident) if journal else None
-                if job is not None and (job.rule != rule.name or job.rule_version != rule.version):
-                    job = None
-                if job is None and journal is not None:
-                    job = journal.find(content_key(p, st), rule.name, rule.version)
-                state = job.state if job else "new"
-                if state in ("new", "queued", "running") or (state == "failed" and not job.same_input(p, ident)):
-                    target = rule.output / rule.output_name(p)
-                    note = ""
-                    if os.path.lexists(target):
-                        note = {"overwrite": " (exists: overwritten)", "skip": " (exists: skipped)",
-                                "number": f" (exists: written as {free_name(target, set()).name})"}[rule.on_collision]
-                    print(f"rule {rule.name}: would process {p} → {target}{note}")
-                    n += 1
-                elif state == "done":
-                    print(f"rule {rule.name}: {p}: done already"
-                          + ("" if rule.keep_inputs else f" (would move it to {rule.processed_dir(root)})"))
-                else:
-                    print(f"rule {rule.name}: {p}: failed already ({(job.error or {}).get('message', '')})")
+                journal = journal_for(root)
+                for p in scan(rule, root):
+                    try:
+                        st = os.lstat(p)
+                    except OSError:
+                        continue
+                    ident = Identity.of(st)
+                    job = journal.by_input(p, ident) if journal else None
+                    if job is not None and (job.rule != rule.name or job.rule_version != rule.version):
+                        job = None
+                    if job is None and journal is not None:
+                        job = journal.find(content_key(p, st), rule.name, rule.version)
+                    state = job.state if job else "new"
+                    if state in ("new", "queued", "running") or (state == "failed" and not job.same_input(p, ident)):
+                        target = rule.output / rule.output_name(p)
+                        note = ""
+                        if os.path.lexists(target):
+                            note = {"overwrite": " (exists: overwritten)", "skip": " (exists: skipped)",
+                                    "number": f" (exists: written as {free_name(target, set()).name})"}[rule.on_collision]
+                        print(f"rule {rule.name}: would process {p} → {target}{note}")
+                        n += 1
+                    elif state == "done":
+                        print(f"rule {rule.name}: {p}: done already"
+                              + ("" if rule.keep_inputs else f" (would move it to {rule.processed_dir(root)})"))
+                    else:
+                        print(f"rule {rule.name}: {p}: failed already ({(job.error or {}).get('message', '')})")
+    except NSTError as e:
+        print(f"nst-daemon: {e.message}", file=sys.stderr)
+        return 2
+    finally:
+        for j in journals.values():
+            if j is not None:
+                j.close()
     print(f"{n} file(s) to process")
-    if journal:
-        journal.close()
     return 0
 
 
@@ -625,7 +723,14 @@ def build_parser() -> argparse.ArgumentParser:
     what = p.add_mutually_exclusive_group()
     what.add_argument("--check-config", action="store_true",
                       help="validate the file and print what each rule would do (exit 0, or 2 with the errors)")
-    what.add_argument("--dry-run", action="store_true", help="list the files it would process now, and exit")
+    what.add_argument("--dry-run", action="store_true",
+                      help="list the files it would process now, and exit (it reads the journal of the daemon that "
+                           "watches each folder now, found by its lock file there, else its own)")
+    what.add_argument("--units-dir", action="store_true",
+                      help="print the folder that holds the systemd units, their README and studio.yaml (an example "
+                           "rule file for /etc/nst-daemon/config.yaml), and exit")
+    p.add_argument("--quiet", "-q", action="store_true",
+                   help="with --check-config: print nothing when the file is valid (the unit's ExecReload= uses this)")
     p.add_argument("--device", help="override settings.device: auto, cpu, cuda:N (comma-separated for several)")
     p.add_argument("--instance", default="main",
                    help="this process's name in the journal (one per GPU with the template unit; default main)")
@@ -639,6 +744,9 @@ def main(argv=None) -> int:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
+    if args.units_dir:
+        print(Path(__file__).resolve().parent / "systemd")
+        return 0
     if not args.config:
         print("nst-daemon: give the rule file with --config FILE (or $NST_DAEMON_CONFIG)", file=sys.stderr)
         return 2
@@ -648,7 +756,8 @@ def main(argv=None) -> int:
         print(e.message, file=sys.stderr)
         return 2
     if args.check_config:
-        print(describe(config))
+        if not args.quiet:
+            print(describe(config, running=live_holders([root for r in config.rules for root in r.watch])))
         return 0
     if args.dry_run:
         return dry_run(config)

@@ -179,7 +179,7 @@ class _Run:
         self.started = started
         self.fmt = devices.memory_format(device)
         self.out_h, self.out_w = fit(content.height, content.width, params.size)
-        self.levels = _feasible_levels(params, content)
+        self.levels = _feasible_levels(params, content, styles)
         self.total = sum(n for _, n in self.levels)
         self.content_layers = {k: w for k, w in params.content_layers.items() if w > 0} if params.content_weight > 0 else {}
         self.style_layers = {k: w for k, w in params.style_layers.items() if w > 0} if params.style_weight > 0 else {}
@@ -199,7 +199,7 @@ class _Run:
         return rgb
 
     def _style_seen(self, style: Picture, content_rgb: torch.Tensor, side: int) -> torch.Tensor:
-        sh, sw = fit(style.height, style.width, max(16, round(side * self.p.style_scale)))
+        sh, sw = style_size(self.p, style, side)
         s = resize(style.rgb, sh, sw).to(self.device)
         if self.p.preserve_color == "histogram":
             s = color.match_histogram(s, content_rgb)
@@ -358,21 +358,60 @@ def resize_alpha(alpha: torch.Tensor, h: int, w: int, maxval: int) -> torch.Tens
     return (a.clamp(0, 1) * maxval).round().to(torch.int32)
 
 
-def min_side(params: StyleParams) -> int:
-    """The shortest image side the network can take: each pooling before the last layer halves it."""
+def min_side(params: StyleParams, layers=None) -> int:
+    """The shortest image side the network can take up to the deepest of `layers` (default: every
+    layer in use): each pooling before it halves it."""
     from .params import VGG19_LAYERS
 
-    last = VGG19_LAYERS.index(params.used_layers[-1])
+    last = VGG19_LAYERS.index(_deepest(params.used_layers if layers is None else layers))
     return 2 ** sum(1 for n in VGG19_LAYERS[:last] if n.startswith("pool"))
 
 
-def _feasible_levels(params: StyleParams, content: Picture) -> list[tuple[int, int]]:
-    """The coarse-to-fine levels, with levels too small for the network folded into the next one."""
+def _deepest(layers) -> str:
+    from .params import VGG19_LAYERS
+
+    return max(layers, key=VGG19_LAYERS.index)
+
+
+def style_size(params: StyleParams, style: Picture, side: int) -> tuple[int, int]:
+    """(height, width) of a style image as the network sees it at a level whose longest side is `side`."""
+    return fit(style.height, style.width, max(16, round(side * params.style_scale)))
+
+
+def _small_style(params: StyleParams, styles: Sequence[Picture], side: int) -> tuple[Picture, int, int] | None:
+    """The first style image too small for the style layers at `side`, with its size there."""
+    layers = [n for n, w in params.style_layers.items() if w > 0]
+    if params.style_weight <= 0 or not layers:
+        return None
+    need = min_side(params, layers)
+    for s in styles:
+        h, w = style_size(params, s, side)
+        if min(h, w) < need:
+            return s, h, w
+    return None
+
+
+def check_style_sizes(params: StyleParams, styles: Sequence[Picture]) -> None:
+    """A ParamError naming the style image that is too small for the style layers at `params.size`."""
+    small = _small_style(params, styles, params.size)
+    if small is None:
+        return
+    s, h, w = small
+    layers = [n for n, wt in params.style_layers.items() if wt > 0]
+    scale = f" and style_scale {params.style_scale:g}" if params.style_scale != 1 else ""
+    raise ParamError("styles", f"{s.source or 'a style image'} ({s.width}×{s.height}) becomes {w}×{h} at size "
+                               f"{params.size}{scale}, too small for layer {_deepest(layers)}: its shorter side must "
+                               f"be at least {min_side(params, layers)} pixels; use a larger size or style_scale, or "
+                               "a style image closer to square")
+
+
+def _feasible_levels(params: StyleParams, content: Picture, styles: Sequence[Picture] = ()) -> list[tuple[int, int]]:
+    """The coarse-to-fine levels, with levels too small for the network (content or style) folded into the next."""
     need = min_side(params)
     levels, carried = [], 0
     for side, iters in params.level_sizes():
         h, w = fit(content.height, content.width, side)
-        if min(h, w) < need and side != params.size:
+        if (min(h, w) < need or _small_style(params, styles, side)) and side != params.size:
             carried += iters
             continue
         levels.append((side, iters + carried))
@@ -381,6 +420,7 @@ def _feasible_levels(params: StyleParams, content: Picture) -> list[tuple[int, i
     if min(h, w) < need:
         raise ParamError("size", f"{params.size} makes {content.source or 'the content'} {w}×{h}, too small for "
                                  f"layer {params.used_layers[-1]}: its shorter side must be at least {need} pixels")
+    check_style_sizes(params, styles)
     return levels
 
 

@@ -1,6 +1,8 @@
 """The rule file: every bad config gives its exact error (file, line, key); config.yaml works as is."""
 
 import datetime as dt
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -104,12 +106,41 @@ CASES = [
     (GOOD.replace("    output: out", "    output: out\n    min_input_side: 0"), 10, "rules.one.min_input_side",
      "between 1 and 16384"),
     (GOOD.replace("    output: out", "    output: out\n    poll: sometimes"), 10, "rules.one.poll", "auto, true or false"),
+    # Issue 9.11: folders that loop, endless seconds, a journal that is a folder, unset variables.
+    (GOOD.replace("    output: out", "    output: out\n    processed: '.'"), 10, "rules.one.processed",
+     "is this rule's watched folder"),
+    (GOOD.replace("    output: out", "    output: out\n    failed: ./"), 10, "rules.one.failed",
+     "taken again, forever"),
+    (GOOD + "  - rule: two\n    watch: inbox2\n    style: style.png\n    output: out2\n    processed: ../inbox\n"
+     .replace("../inbox", "{folder}/inbox"), 16, "rules.two.processed", "is rule 'one''s watched folder"),
+    (GOOD.replace("  settle: 1", "  settle: .inf"), 2, "settings.settle", "must be a number of seconds, got inf"),
+    (GOOD.replace("  settle: 1", "  scan_interval: .inf"), 2, "settings.scan_interval", "got inf"),
+    (GOOD.replace("  settle: 1", "  stop_timeout: .nan"), 2, "settings.stop_timeout", "got nan"),
+    (GOOD.replace("  settle: 1", "  journal: inbox"), 2, "settings.journal", "is a folder; give the journal's file name"),
+    (GOOD.replace("  settle: 1", "  journal: style.png/j.sqlite"), 2, "settings.journal", "style.png is not a folder"),
+    (GOOD.replace("    watch: inbox", "    watch: $NST_TEST_UNSET/inbox"), 7, "rules.one.watch",
+     "$NST_TEST_UNSET/inbox: the environment variable $NST_TEST_UNSET is not set"),
+    (GOOD.replace("    output: out", "    output: ${NST_TEST_UNSET}/out"), 9, "rules.one.output", "is not set"),
+    (GOOD.replace("    watch: inbox", "    watch: " + "x" * 300), 7, "rules.one.watch", "File name too long"),
+    (GOOD.replace("    style: style.png", "    style: " + "s" * 300 + ".png"), 8, "rules.one.style", "File name too long"),
+    # Issue 8.4: only names that can be written (nst_core.images.SAVE_FORMATS, as save_image).
+    (GOOD.replace("    output: out", "    output: out\n    name: '{stem}.gif'"), 10, "rules.one.name",
+     "an image extension that can be written (.bmp, .jpeg, .jpg, .png, .tif, .tiff, .webp)"),
+    (GOOD.replace("    output: out", "    output: out\n    name: '{stem}.pdf'"), 10, "rules.one.name", "can be written"),
+    (GOOD.replace("    output: out", "    output: out\n    include: ['*.png', '*.GIF']\n    name: '{stem}{ext}'"), 10,
+     "rules.one.include", "takes *.GIF, but the name '{stem}{ext}' keeps the input's extension"),
+    # YAML that Python cannot hold: a parse error for that value, not a traceback.
+    (GOOD.replace("      size: 64", "      size: " + "9" * 5000), 11, "rules.one.params.size", "cannot read value"),
+    (GOOD.replace("    output: out", "    output: out\n    min_input_side: !!binary 'xyz!'"), 10,
+     "rules.one.min_input_side", "cannot read value"),
+    (GOOD.replace("    output: out", "    output: out\n    min_input_side: !!timestamp 2001-99"), 10,
+     "rules.one.min_input_side", "cannot read value"),
 ]
 
 
 @pytest.mark.parametrize("text,line,key,words", CASES, ids=[c[2] + ":" + c[3][:20] for c in CASES])
 def test_each_bad_config_names_file_line_and_key(folder, text, line, key, words):
-    errs = errors(folder, text)
+    errs = errors(folder, text.replace("{folder}", str(folder)))
     mine = [e for e in errs if f": {key}: " in e]
     assert len(mine) == 1, errs
     err = mine[0]
@@ -223,3 +254,252 @@ def test_repo_config_yaml_is_valid_as_it_is():
     assert r.returncode == 0, r.stderr
     assert "rule gravel " in r.stdout and "rule gravel-colour " in r.stdout
     assert "nst_core/samples/gravel.png" in r.stdout
+
+
+# ---- files made to hurt (issue 9.5): refused from the event stream, with the line, in no time -----
+
+
+def alias_bomb(levels: int = 9) -> str:
+    """The "billion laughs": each anchor is nine aliases of the one before; *i stands for 9^9 strings."""
+    lines, prev = ['  a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]'], "a"
+    for name in "bcdefghijklmn"[:levels - 1]:
+        lines.append(f"  {name}: &{name} [" + ", ".join(["*" + prev] * 9) + "]")
+        prev = name
+    return "\n".join(lines) + "\n", prev
+
+
+def test_an_alias_bomb_is_refused_naming_the_line_without_expanding_it(folder):
+    body, last = alias_bomb()
+    text = "x-anchors:\n" + body + GOOD.replace("    output: out", "    output: out\n    include: *" + last)
+    err = one_error(folder, text)
+    # Refused where the expansion passes the bound (a, b, ... e hold 74 732 values; f's first *e passes 100 000).
+    bomb_line = next(i for i, x in enumerate(text.splitlines(), 1) if x.startswith("  f: &f"))
+    assert err.startswith(f"{folder / 'config.yaml'}:{bomb_line}:"), err
+    assert "more than 100,000 values once its aliases are expanded (*e alone stands for 66,430)" in err, err
+
+
+def test_nesting_900_deep_is_refused_naming_the_line(folder):
+    text = GOOD.replace("    output: out", "    output: out\n    include: " + "[" * 900 + "]" * 900)
+    err = one_error(folder, text)
+    assert err.startswith(f"{folder / 'config.yaml'}:10:"), err
+    assert "nested more than 32 levels deep" in err
+
+
+def test_a_recursive_alias_an_oversized_file_and_bytes_that_are_not_text_are_refused(folder):
+    err = one_error(folder, GOOD.replace("    output: out", "    output: out\n    include: &r [*r]"))
+    assert err.startswith(f"{folder / 'config.yaml'}:10:") and "recursive" in err, err
+    err = one_error(folder, GOOD + "#" * (1 << 20))
+    assert err == f"{folder / 'config.yaml'}: larger than 1024 kB; a rule file is a few kB (is this the right file?)"
+    (folder / "config.yaml").write_bytes(GOOD.encode() + b"# caf\xe9\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(folder / "config.yaml")
+    assert str(info.value.problems[0]).startswith(f"{folder / 'config.yaml'}:12:") and "not UTF-8" in info.value.message
+
+
+def test_check_config_exits_2_without_a_traceback_for_each_hostile_file(folder):
+    path = folder / "config.yaml"
+    body, last = alias_bomb()
+    for text in ("x-anchors:\n" + body + GOOD.replace("    output: out", "    output: out\n    include: *" + last),
+                 GOOD.replace("    output: out", "    output: out\n    include: " + "[" * 900 + "]" * 900),
+                 GOOD.replace("      size: 64", "      size: " + "9" * 5000)):
+        path.write_text(text)
+        r = run_cli("--config", str(path), "--check-config")
+        assert r.returncode == 2 and r.stderr.startswith(f"{path}:") and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_environment_variables_in_paths_expand_when_set(folder, monkeypatch):
+    monkeypatch.setenv("NST_TEST_STUDIO", str(folder))
+    (folder / "config.yaml").write_text(GOOD.replace("    watch: inbox", "    watch: ${NST_TEST_STUDIO}/inbox")
+                                        .replace("    output: out", "    output: $NST_TEST_STUDIO/out"))
+    rule = load_config(folder / "config.yaml").rules[0]
+    assert rule.watch == (folder / "inbox",) and rule.output == folder / "out"
+
+
+def test_a_style_too_small_at_the_working_size_is_a_config_error_naming_the_file(folder):
+    write_image(folder / "thin.png", 3, (40, 64))  # at size 16: 10×16, smaller than relu5_1 takes
+    text = GOOD.replace("style: style.png", "style: thin.png").replace("size: 64", "size: 16")
+    err = one_error(folder, text)
+    assert err.startswith(f"{folder / 'config.yaml'}:8:") and ": rules.one.style: " in err, err
+    assert f"{folder / 'thin.png'} (40×64) becomes 10×16 at size 16, too small for layer relu5_1" in err
+    (folder / "config.yaml").write_text(text.replace("size: 16", "size: 32"))  # 20×32: fine
+    assert load_config(folder / "config.yaml").rules[0].params.size == 32
+
+
+# ---- the same, sent to a running daemon ---------------------------------------------------------
+
+
+def _capped(gib: int = 4) -> list[str]:
+    """A prefix that caps the daemon's data memory, so that a broken bound fails the test, not the machine."""
+    cap = gib << 30
+    return [sys.executable, "-c", "import os, resource, sys; resource.setrlimit(resource.RLIMIT_DATA, "
+            f"({cap}, {cap})); os.execv(sys.argv[1], sys.argv[1:])"]
+
+
+def test_sighup_with_an_alias_bomb_keeps_the_running_daemon_serving(tmp_path):
+    from daemon_util import Daemon, NotifyListener, files, make_config, wait_until
+
+    cfg = make_config(tmp_path, [{"rule": "r", "watch": "in", "output": "out"}], settings={"device": "cpu"})
+    good = cfg.read_text()
+    listener = NotifyListener()
+    try:
+        with Daemon(cfg, env={"NOTIFY_SOCKET": listener.name}, prefix=_capped()) as d:
+            d.start()
+            write_image(tmp_path / "in" / "a.png", 1)
+            wait_until(lambda: files(tmp_path / "out"), 60, "the first output")
+            body, last = alias_bomb()
+            cfg.write_text("x-anchors:\n" + body + good.replace("output: out", "output: out\n  include: *" + last))
+            bomb_line = next(i for i, x in enumerate(cfg.read_text().splitlines(), 1) if x.startswith("  f: &f"))
+            start, mark = len(d.lines), len(listener.messages)
+            d.signal(signal.SIGHUP)
+            d.wait_log("keeping the rules in use", start=start, timeout=30)
+            assert f"{cfg}:{bomb_line}:" in d.text and "more than 100,000 values" in d.text
+            # systemd hears READY=1 again, and the status says the reload failed, until one succeeds.
+            ready = listener.wait_for("READY", "1", after=mark, timeout=30)
+            assert ready["STATUS"].startswith("reload failed, old rules in use: ") and f":{bomb_line}:" in ready["STATUS"]
+            # The same with a 900-deep list; then it still takes files under the old rules.
+            cfg.write_text(good.replace("output: out", "output: out\n  include: " + "[" * 900 + "]" * 900))
+            start = len(d.lines)
+            d.signal(signal.SIGHUP)
+            d.wait_log("keeping the rules in use", start=start, timeout=30)
+            assert "nested more than 32 levels deep" in d.text
+            write_image(tmp_path / "in" / "b.png", 2)
+            wait_until(lambda: len(files(tmp_path / "out")) == 2, 60, "an output after the bad reloads")
+            assert d.proc.poll() is None and "Traceback" not in d.text
+            # A good file again: the status forgets the failure.
+            cfg.write_text(good)
+            mark = len(listener.messages)
+            d.signal(signal.SIGHUP)
+            ready = listener.wait_for("READY", "1", after=mark, timeout=30)
+            assert "reload failed" not in ready["STATUS"]
+            assert d.stop() == 0
+    finally:
+        listener.close()
+
+
+def test_a_second_daemon_with_another_journal_on_the_same_inbox_is_refused(tmp_path):
+    from daemon_util import Daemon, files, journal_rows, make_config, wait_until
+
+    cfg_a = make_config(tmp_path, [{"rule": "r", "watch": "in", "output": "out"}], name="a.yaml")
+    cfg_b = make_config(tmp_path, [{"rule": "r", "watch": "in", "output": "out"}],
+                        settings={"journal": "state-b/journal.sqlite"}, name="b.yaml")
+    with Daemon(cfg_a) as a:
+        a.start()
+        with Daemon(cfg_b) as b:
+            b.start(wait_ready=False)
+            assert b.proc.wait(60) == 2
+            line = b.wait_log("cannot start")
+            assert f"{tmp_path / 'in'} is already watched by nst-daemon pid {a.proc.pid}" in line
+            assert f"with the journal {tmp_path / 'state' / 'journal.sqlite'}" in line
+        for i in range(3):
+            write_image(tmp_path / "in" / f"p{i}.png", i)
+        wait_until(lambda: len(files(tmp_path / "in" / "processed")) == 3, 60, "three inputs done")
+        # A reload that would take a folder another journal's daemon watches fails, and keeps the rules.
+        cfg_b2 = make_config(tmp_path, [{"rule": "r2", "watch": "in2", "output": "out2"}],
+                             settings={"journal": "state-b/journal.sqlite"}, name="b2.yaml")
+        with Daemon(cfg_b2) as b2:
+            b2.start()
+            make_config(tmp_path, [{"rule": "r", "watch": "in", "output": "out"},
+                                   {"rule": "r2", "watch": "in2", "output": "out2"}], name="a.yaml")
+            start = len(a.lines)
+            a.signal(signal.SIGHUP)
+            line = a.wait_log("reload of", start=start, timeout=30)
+            assert "failed; keeping the rules in use" in line, line
+            assert f"{tmp_path / 'in2'} is already watched by nst-daemon pid {b2.proc.pid}" in a.text
+            assert b2.stop() == 0
+        make_config(tmp_path, [{"rule": "r", "watch": "in", "output": "out"}], name="a.yaml")
+        # Instances that share the journal share the folder (nst-daemon@N): a second one starts.
+        with Daemon(cfg_a, "--instance", "two", "--socket", "none") as a2:
+            a2.start()
+            a2.kill9()  # and dies, leaving its lock file
+        assert a.stop() == 0
+    assert [p.name for p in files(tmp_path / "out")] == ["p0_r.png", "p1_r.png", "p2_r.png"]  # once each
+    assert len(journal_rows(tmp_path / "state" / "journal.sqlite")) == 3
+    assert not (tmp_path / "state-b" / "journal.sqlite").exists() or not journal_rows(tmp_path / "state-b" / "journal.sqlite")
+    locks = lambda: sorted(p.name for p in (tmp_path / "in").iterdir() if p.name.startswith(".nst-daemon"))
+    assert len(locks()) == 1 and locks()[0].endswith(".two.lock")  # the clean stop removed its own; the killed one's stays
+    # Once the daemons are gone (even killed), the second journal's daemon may take the folder.
+    with Daemon(cfg_b) as b:
+        b.start()
+        assert b.stop() == 0
+    assert locks() == []
+
+
+def test_dry_run_and_check_config_by_hand_read_the_running_services_journal(tmp_path):
+    from daemon_util import Daemon, files, make_config, wait_until
+
+    # As under systemd: the journal is $STATE_DIRECTORY/journal.sqlite and the socket $RUNTIME_DIRECTORY/nst.sock.
+    cfg = make_config(tmp_path, [{"rule": "r", "watch": "in", "output": "out", "keep_inputs": True}],
+                      settings={"journal": None, "socket": "default"})
+    service_env = {"STATE_DIRECTORY": str(tmp_path / "lib"), "RUNTIME_DIRECTORY": str(tmp_path / "run")}
+    (tmp_path / "run").mkdir()
+    by_hand = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "user-state"), "PYTHONPATH": str(REPO)}
+    for k in ("STATE_DIRECTORY", "RUNTIME_DIRECTORY"):
+        by_hand.pop(k, None)
+    write_image(tmp_path / "in" / "done.png", 1)
+    with Daemon(cfg, env=service_env) as d:
+        d.start()
+        wait_until(lambda: files(tmp_path / "out"), 60, "the output")
+        dry = subprocess.run([sys.executable, "-m", "daemon.main", "--config", str(cfg), "--dry-run"], cwd=REPO,
+                             env=by_hand, capture_output=True, text=True, timeout=120)
+        check = subprocess.run([sys.executable, "-m", "daemon.main", "--config", str(cfg), "--check-config"],
+                               cwd=REPO, env=by_hand, capture_output=True, text=True, timeout=120)
+        assert d.stop() == 0
+    assert dry.returncode == 0, dry.stderr
+    assert f"journal {tmp_path / 'lib' / 'journal.sqlite'} (the journal of the running nst-daemon pid {d.proc.pid}" \
+        in dry.stdout
+    assert f"rule r: {tmp_path / 'in' / 'done.png'}: done already" in dry.stdout  # was: "would process"
+    assert "0 file(s) to process" in dry.stdout
+    assert not (tmp_path / "user-state").exists()
+    assert check.returncode == 0, check.stderr
+    assert f"(as run now, by hand; under systemd: $STATE_DIRECTORY/journal.sqlite)" in check.stdout
+    assert (f"running now: nst-daemon pid {d.proc.pid}" in check.stdout
+            and f"journal {tmp_path / 'lib' / 'journal.sqlite'}, socket {tmp_path / 'run' / 'nst.sock'}; "
+                f"watching {tmp_path / 'in'}" in check.stdout), check.stdout
+    # With the service stopped, the dry run says which journal it read.
+    dry = subprocess.run([sys.executable, "-m", "daemon.main", "--config", str(cfg), "--dry-run"], cwd=REPO,
+                         env=by_hand, capture_output=True, text=True, timeout=120)
+    assert f"journal {tmp_path / 'user-state' / 'nst-daemon' / 'journal.sqlite'} (no nst-daemon watches this " \
+           "folder now; the journal it would use run as now): none yet" in dry.stdout
+
+
+def test_a_journal_path_that_is_a_folder_stops_the_start_with_exit_2_not_a_traceback(tmp_path):
+    from daemon_util import Daemon, make_config
+
+    cfg = make_config(tmp_path, [{"rule": "r", "watch": "in", "output": "out"}], settings={"journal": None})
+    (tmp_path / "lib" / "journal.sqlite").mkdir(parents=True)  # the default under systemd is a folder
+    with Daemon(cfg, env={"STATE_DIRECTORY": str(tmp_path / "lib")}) as d:
+        d.start(wait_ready=False)
+        assert d.proc.wait(60) == 2
+        line = d.wait_log("cannot start")
+    assert f"journal {tmp_path / 'lib' / 'journal.sqlite'}: is a folder" in line and "Traceback" not in d.text
+
+
+def test_any_mangled_file_is_a_config_or_a_config_error_never_another_exception(folder):
+    """Seeded mutations of config.yaml and GOOD (YAML tokens, tags, anchors, deletions): load_config
+    either loads or raises ConfigError (before: AttributeError for `!!timestamp 2001-99`, ...)."""
+    import random
+
+    base = (REPO / "config.yaml").read_text().replace("nst_core/samples/gravel.png", "style.png")
+    tokens = ["[", "]", "{", "}", ":", "- ", "&a ", "*a", "!!binary ", "!!int ", "!!float ", "!!map ", "!!seq ",
+              "? ", "|", ">", "'", '"', ".inf", ".nan", "~", "null", "0x1F", "9" * 30, "\t", "\n", "  ", "---\n",
+              "%YAML 1.1\n", "!!set ", "!!timestamp 2001-99", "!!timestamp 2001-12-14", "<<: *a", "$HOME", "${X}",
+              "9" * 5000, "[" * 400, "!!timestamp 2001-99 ", "!!float 1e999999",
+              "..", "\u2028"]
+    rng = random.Random(7)
+    path = folder / "config.yaml"
+    loaded = 0
+    for _ in range(400):
+        text = rng.choice([base, GOOD])
+        for _ in range(rng.randint(1, 4)):
+            pos = rng.randrange(len(text) + 1)
+            if rng.random() < 0.3:
+                text = text[:pos] + text[pos + rng.randint(1, 20):]
+            else:
+                text = text[:pos] + rng.choice(tokens) + text[pos:]
+        path.write_text(text)
+        try:
+            load_config(path, check_styles=False)
+            loaded += 1
+        except ConfigError as e:
+            assert e.problems and all(str(p).startswith(str(path)) for p in e.problems)
+    assert 0 < loaded < 400  # both outcomes were exercised

@@ -149,3 +149,47 @@ def test_watchdog_is_fed_only_while_idle_or_progressing(tmp_path):
     d.running[0].last_progress = now - 6
     assert not d.healthy()  # stalled longer than stall_timeout: systemd's watchdog will fire
     assert "running x.png (r) step 0/0" in d.status_text()
+
+
+def _cli(*args, env=None):
+    import subprocess
+    import sys
+
+    from daemon_util import REPO
+
+    return subprocess.run([sys.executable, "-m", "daemon.main", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, env=env)
+
+
+def test_units_dir_holds_the_units_their_readme_and_a_studio_rule_file_that_loads(tmp_path):
+    from pathlib import Path
+
+    from daemon.config import load_config
+    from daemon_util import write_image
+
+    r = _cli("--units-dir")
+    assert r.returncode == 0, r.stderr
+    units = Path(r.stdout.strip())
+    assert {"nst-daemon.service", "nst-daemon@.service", "README.md", "studio.yaml"} <= {p.name for p in units.iterdir()}
+    # studio.yaml as the README installs it, with /srv/studio made here: valid as shipped.
+    studio = tmp_path / "srv" / "studio"
+    for d in ("inbox", "out", "styles"):
+        (studio / d).mkdir(parents=True)
+    write_image(studio / "styles" / "painting.jpg", 1, (64, 48), fmt="JPEG")
+    cfg = tmp_path / "etc" / "config.yaml"
+    cfg.parent.mkdir()
+    cfg.write_text((units / "studio.yaml").read_text().replace("/srv/studio", str(studio)))
+    rule = load_config(cfg).rules[0]
+    assert rule.watch == (studio / "inbox",) and rule.styles == (studio / "styles" / "painting.jpg",)
+    assert rule.output == studio / "out" and rule.params.weights == "imagenet"
+
+
+def test_check_config_quiet_prints_nothing_for_a_good_file_and_the_errors_for_a_bad_one(tmp_path):
+    from daemon_util import make_config
+
+    cfg = make_config(tmp_path, [{"rule": "r", "watch": "in", "output": "out"}])
+    ok = _cli("--config", str(cfg), "--check-config", "--quiet")
+    assert (ok.returncode, ok.stdout, ok.stderr) == (0, "", "")
+    cfg.write_text(cfg.read_text().replace("output: out", "output: out\n  colour: blue"))
+    bad = _cli("--config", str(cfg), "--check-config", "--quiet")
+    assert bad.returncode == 2 and bad.stdout == "" and ": rules.r.colour: unknown key" in bad.stderr

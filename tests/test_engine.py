@@ -458,3 +458,22 @@ def test_coarse_levels_too_small_for_the_network_fold_into_the_next(style):
     levels = _feasible_levels(params, wide)
     assert [side for side, _ in levels] == [256, 512]
     assert sum(n for _, n in levels) == 100
+
+
+def test_a_style_image_too_small_for_the_style_layers_is_a_param_error_naming_it():
+    # A tall, thin painting at size 16 is 10×16: smaller than relu5_1 takes (issue 9.13).
+    content = Picture(torch.rand(3, 32, 32), source="photo.png")
+    thin = Picture(torch.rand(3, 64, 40), source="/studio/thin-painting.png")
+    with pytest.raises(ParamError, match=r"styles: /studio/thin-painting.png \(40×64\) becomes 10×16 at size 16, "
+                                         r"too small for layer relu5_1: its shorter side must be at least 16"):
+        stylize(content, [thin], StyleParams(size=16, iterations=1, weights="random"))
+    # Only the style layers count for the style: up to relu2_1 it needs 2 pixels, and runs.
+    result = stylize(content, [thin], StyleParams(size=16, iterations=1, weights="random",
+                                                  style_layers="relu1_1,relu2_1"))
+    assert (result.picture.height, result.picture.width) == (16, 16)
+    # A coarse level where the style is too small (but the content is not) folds into the next.
+    from nst_core.engine import _feasible_levels
+
+    params = StyleParams(size=512, iterations=100, levels=3, weights="random")
+    sliver = Picture(torch.rand(3, 1600, 100))  # 16 px wide at 256, 8 at 128
+    assert [side for side, _ in _feasible_levels(params, content, [sliver])] == [256, 512]
