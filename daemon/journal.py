@@ -194,9 +194,6 @@ class Journal:
             rows = self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
         return {s: 0 for s in STATES} | {r[0]: r[1] for r in rows}
 
-    def all(self) -> list[Job]:
-        return self._all("SELECT * FROM jobs ORDER BY id")
-
     # -- transitions --
     def add(self, content_hash: str, rule: str, version: str, path, ident: Identity) -> Job:
         """The job for this content under this rule version, created (queued) if new."""

@@ -129,7 +129,6 @@ class Daemon:
         self._status_dirty = True
         self._last_status = ""
         self._config_sig = _file_sig(config.path)
-        self.ready_at: float | None = None
 
     # -- context for workers --
     def changed(self) -> None:
@@ -211,7 +210,6 @@ class Daemon:
             w.start()
         self.scan_all()
         self._last_scan = time.monotonic()
-        self.ready_at = time.monotonic()
         log.info("ready: %d rule(s), devices %s, journal %s, socket %s", len(self.config.rules),
                  ", ".join(self.scheduler.devices), jpath, self.socket_path or "off")
         self.notifier.ready(self.status_text())
@@ -740,6 +738,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from nst_core.runtime import prepare_process
+
+    prepare_process()  # before anything loads torch
     for stream in (sys.stdout, sys.stderr):  # names that are not UTF-8 print as \xNN, never a traceback
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")

@@ -300,6 +300,9 @@ def _run(args) -> int:
 
 
 def main(argv=None) -> int:
+    from .runtime import prepare_process
+
+    prepare_process()  # before anything loads torch
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -419,7 +419,7 @@ def test_a_journal_of_schema_1_gains_the_sidecar_column(tmp_path):
     """)
     con.close()
     j = Journal(db)
-    job = j.all()[0]
+    job = j.get(1)  # the one row
     assert job.sidecar is None and job.in_path == "/in/a.png"
     j.set_sidecar(job.id, "/in/failed/a.png.error.json")
     assert j.get(job.id).sidecar == "/in/failed/a.png.error.json"

@@ -173,7 +173,7 @@ class Scheduler:
         if max_queue < 1:
             raise ParamError("max_queue", f"must be at least 1, got {max_queue}")
         self.max_queue = max_queue
-        self._session_factory = session_factory or _default_session
+        self._session_factory = session_factory or _new_session
         self.work_limits: dict[str, int] = {}  # device → the most pixels a job may work at there
         self._cond = threading.Condition()
         self._queue: list[JobHandle] = []
@@ -394,7 +394,7 @@ class Scheduler:
             return self._cpu_session
 
 
-def _default_session(device: str):
+def _new_session(device: str):
     from ..engine import Session
 
     return Session()
