@@ -78,10 +78,10 @@ def _add_param_options(parser: argparse.ArgumentParser) -> None:
         if "(default:" not in text:  # style_blend and learning_rate say their default in words
             text = f"{text} (default: {shown})"
         kwargs = {"dest": f.name, "default": None, "help": text}
-        if f.type == "bool":
+        if params_mod.value_type(f.name) is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            kwargs["metavar"] = _metavar(f.name, f.type)
+            kwargs["metavar"] = _metavar(f.name)
         group.add_argument(flag, **kwargs)
         if f.name == "content_weight":
             group.add_argument("--ratio", type=float, default=None, metavar="A/B",
@@ -106,8 +106,8 @@ _METAVARS = {
 }
 
 
-def _metavar(name: str, type_: str) -> str:
-    return _METAVARS.get(name) or {"int": "N", "float": "X", "float | None": "X"}.get(type_, "VALUE")
+def _metavar(name: str) -> str:
+    return _METAVARS.get(name) or {int: "N", float: "X"}.get(params_mod.value_type(name), "VALUE")
 
 
 def params_from_args(args: argparse.Namespace) -> StyleParams:
