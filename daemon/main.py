@@ -186,8 +186,9 @@ class Daemon:
     # -- lifecycle --
     def start(self) -> None:
         """Open the journal, recover, start the engine, the socket, the watchers and the workers."""
+        from nst_core.service.protocol import server_name
         from nst_core.service.scheduler import Scheduler
-        from nst_core.service.server import ServiceServer, server_name
+        from nst_core.service.server import ServiceServer
 
         s = self.config.settings
         self.server_name = server_name()

@@ -28,7 +28,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from nst_core.errors import Cancelled, DeviceError, ImageError, NSTError, OutOfMemory, WeightsError
+from nst_core.errors import (Cancelled, DeviceError, ImageError, NSTError, OutOfMemory, QueueFull, ServiceStopping,
+                             WeightsError)
 
 from . import safefs
 from .config import Rule
@@ -387,8 +388,6 @@ class Worker(threading.Thread):
                                 f"{w}×{h} needs up to {need:,})")
 
     def stylize(self, picture, styles, rule: Rule, item: Item):
-        from nst_core.service.scheduler import QueueFull, ServiceStopping
-
         ctx = self.ctx
         running = ctx.running[self.index]
 
