@@ -115,7 +115,6 @@ class Daemon:
         self.server = None
         self.watcher: Watcher | None = None
         self.workers: list[Worker] = []
-        self.server_name = "neural-style"
         self._wake = threading.Event()
         self._reload_requested = False
         self._stop_requested = False
@@ -186,12 +185,10 @@ class Daemon:
     # -- lifecycle --
     def start(self) -> None:
         """Open the journal, recover, start the engine, the socket, the watchers and the workers."""
-        from nst_core.service.protocol import server_name
         from nst_core.service.scheduler import Scheduler
         from nst_core.service.server import ServiceServer
 
         s = self.config.settings
-        self.server_name = server_name()
         jpath = s.journal_path(self.env)
         self._open_journal(jpath)
         self.locks = FolderLocks(jpath, self.owner, self.socket_path)
@@ -281,7 +278,7 @@ class Daemon:
                 log.warning("%s: was running when the daemon stopped (attempt %d); queued again",
                             job.in_path, job.attempts)
             if out is not None:
-                from nst_core.images import temporary_files
+                from nst_core.outputs import temporary_files
 
                 for tmp in temporary_files(out):
                     try:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from nst_core.errors import (Cancelled, DeviceError, ImageError, NSTError, OutOfMemory, QueueFull, ServiceStopping,
                              WeightsError)
+from nst_core.outputs import atomic_write, metadata, name_max, refuse_inputs
 
 from . import safefs
 from .config import Rule
@@ -278,11 +279,7 @@ class Worker(threading.Thread):
         t0 = time.perf_counter()
         result = self.stylize(picture, styles, rule, item)
         stats.add("engine", time.perf_counter() - t0)
-        meta = {"Software": f"neural-style nst-daemon ({ctx.server_name})", "nst-rule": rule.name,
-                "nst-rule-version": rule.version, "nst-source": show(item.path.name),
-                "nst-params": json.dumps(rule.params.to_mapping(), sort_keys=True, default=str)}
-        if getattr(result, "weights_note", None):
-            meta["nst-weights-note"] = result.weights_note
+        meta = metadata(result, "nst-daemon", rule=rule.name, rule_version=rule.version, source=show(item.path.name))
         with stats.timed("write"):
             target = self.write(job, item, rule, result.picture, target, meta)
         if target is None:
@@ -350,8 +347,13 @@ class Worker(threading.Thread):
         except OSError as e:
             raise folder_problem(place.path, e) from None
         fd = self._out_fd
-        target = place.path / fit_name(name, _name_max(fd))
+        target = place.path / fit_name(name, name_max(fd))
         check_output_path(fd_path(fd, target.name))  # ImageError for an extension no encoder writes
+        if rule.on_collision == "overwrite":  # (a style image in the output folder, named as an output would be)
+            try:
+                refuse_inputs(fd_path(fd, target.name), [item.path, *rule.styles])
+            except ImageError as e:
+                raise _renamed(e, fd_path(fd, target.name), target) from None
         with ctx.names_lock:
             if rule.on_collision == "skip" and safefs.exists(fd, target.name):
                 ctx.journal.done(job.id, None, note=f"skipped: {show(target)} exists")
@@ -565,8 +567,6 @@ def sidecar_name(name: str, limit: int = 255) -> str:
 
 def write_sidecar(folder: Place, name: str, job: Job, item: Item, rule: Rule, dfd: int | None = None) -> Path:
     """<name>.error.json in `folder`: what failed and why, written atomically; returns its path."""
-    from nst_core.images import atomic_write
-
     error = dict(job.error or {"kind": "unknown", "message": "unknown error"})
     error = {k: show(v) if isinstance(v, str) else v for k, v in error.items()}
     data = {
@@ -584,11 +584,11 @@ def write_sidecar(folder: Place, name: str, job: Job, item: Item, rule: Rule, df
     if own:
         dfd = folder.open(create=True)
     try:
-        side = sidecar_name(name, _name_max(dfd))
+        side = sidecar_name(name, name_max(dfd))
         try:
             atomic_write(fd_path(dfd, side), lambda f: f.write(text))
-        except ImageError as e:
-            raise OSError(f"cannot write {show(folder.path / side)}: {_renamed(e, fd_path(dfd, side), folder.path / side).message}") from None
+        except OSError as e:
+            raise OSError(f"cannot write {show(folder.path / side)}: {e.strerror or e}") from None
     finally:
         if own:
             os.close(dfd)
@@ -624,7 +624,7 @@ def free_name(path: Path, reserved: set, dir_fd: int | None = None) -> Path:
 
     Names are shortened to fit the file system's limit; with `dir_fd` (path's folder, open) names are
     looked up in that folder without following links."""
-    limit = _name_max(dir_fd if dir_fd is not None else path.parent)
+    limit = name_max(dir_fd if dir_fd is not None else path.parent)
     n = 0
     while True:
         p = path.with_name(numbered(path.name, n, limit))
@@ -632,12 +632,6 @@ def free_name(path: Path, reserved: set, dir_fd: int | None = None) -> Path:
         if not taken and p not in reserved:
             return p
         n += 1
-
-
-def _name_max(folder) -> int:
-    from nst_core.images import name_max
-
-    return name_max(folder)
 
 
 def _identity_at(dir_fd: int, name: str) -> Identity | None:

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
 import select
 import socket
 import threading
 import time
 from contextlib import suppress
 
-from ..errors import Busy, ImageError, InternalError, NSTError, ProtocolError, ServiceStopping
+from ..errors import Busy, InternalError, NSTError, ProtocolError, ServiceStopping
+from ..outputs import metadata, product_name, refuse_inputs
 from . import access, limits, protocol
 from . import client as wire
 from .protocol import JobRequest
@@ -215,7 +215,7 @@ class Connection:
         client = header.get("client")
         self.client = str(client)[:100] if client is not None else None
         self.hello = True
-        self.send({"type": "hello", "protocol": protocol.PROTOCOL_VERSION, "server": protocol.server_name(),
+        self.send({"type": "hello", "protocol": protocol.PROTOCOL_VERSION, "server": product_name(),
                    "devices": self.server.scheduler.devices, "limits": self.server.limits})
 
     # -- jobs --
@@ -245,7 +245,10 @@ class Connection:
                 content, styles = protocol.pictures(req, payload)
                 del payload
                 if req.output_path is not None:
-                    _check_output(req)
+                    from ..images import check_output_path
+
+                    check_output_path(req.output_path)
+                    refuse_inputs(req.output_path, [spec.get("path") for spec in [req.content, *req.styles]])
             except NSTError as e:
                 self.send_error(e)
                 return
@@ -321,7 +324,7 @@ class Connection:
                       "device": result.device}
             pic = result.picture
             if req.output_path is not None:
-                save_image(pic, req.output_path, _metadata(result))
+                save_image(pic, req.output_path, metadata(result, "nst serve"))
                 self.send({**common, "path": req.output_path})
                 return
             channels = req.result_format.get("channels") or req.content.get("channels") or \
@@ -352,22 +355,3 @@ def _wait_for_data(sock: socket.socket) -> None:
 def _budget_error(budget: limits.MemoryBudget, n: int) -> NSTError:
     return Busy(f"the service is busy: {n:,} more bytes of requests would exceed the {budget.total:,} bytes "
                 f"that all its clients together may send it at once ({budget.used:,} in use); try again later")
-
-
-def _check_output(req: JobRequest) -> None:
-    from ..images import check_output_path
-
-    check_output_path(req.output_path)
-    for spec in [req.content, *req.styles]:
-        p = spec.get("path")
-        if p and os.path.exists(p) and os.path.exists(req.output_path) and os.path.samefile(p, req.output_path):
-            raise ImageError(req.output_path, "is one of the input images; refusing to overwrite an input")
-
-
-def _metadata(result) -> dict:
-    import json
-
-    meta = {"nst:weights": result.weights_label, "nst:params": json.dumps(result.params.to_mapping())}
-    if result.weights_note:
-        meta["nst:note"] = result.weights_note
-    return meta

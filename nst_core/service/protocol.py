@@ -25,15 +25,6 @@ RAW_FIELDS = {"width", "height", "channels", "bit_depth"}
 MESSAGE_TYPES = ("hello", "ping", "status", "job", "cancel")
 
 
-def server_name() -> str:
-    try:
-        from importlib.metadata import version
-
-        return f"neural-style {version('neural-style')}"
-    except Exception:
-        return "neural-style"
-
-
 @dataclass
 class JobRequest:
     """A job header that passed `parse_job`: image specs ({path} or raw {width, height, channels,

@@ -18,6 +18,7 @@ import time
 from contextlib import suppress
 
 from ..errors import DeviceError, ServiceSetupError
+from ..outputs import product_name
 from . import access, limits, protocol
 from . import client as wire
 from .connection import Connection
@@ -212,7 +213,7 @@ class ServiceServer:
         with self._conn_lock:
             clients = sorted((c.client or "unnamed") for c in self._connections)
         return {
-            "type": "status", "protocol": protocol.PROTOCOL_VERSION, "server": protocol.server_name(), "pid": os.getpid(),
+            "type": "status", "protocol": protocol.PROTOCOL_VERSION, "server": product_name(), "pid": os.getpid(),
             "socket": self.socket_path, "uptime": round(time.monotonic() - self._started_at, 3),
             "clients": len(clients), "client_names": clients, "idle_exit": self.idle_exit,
             "memory_budget": {"total": self.budget.total, "used": self.budget.used},
