@@ -86,7 +86,7 @@ def via_service(client: nc.ServiceClient, content, style, params: dict, preview:
     def on_progress(e):
         marks.setdefault("progress", time.perf_counter() - t0)
 
-    out = client.stylize(content, [style], params, priority="interactive", on_progress=on_progress,
+    out = client.run_job(content, [style], params, priority="interactive", on_progress=on_progress,
                          on_status=on_status, preview=preview)
     wall = time.perf_counter() - t0
     return {"wall": wall, "engine": out.info["elapsed"], "overhead": wall - out.info["elapsed"],

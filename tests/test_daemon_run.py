@@ -296,7 +296,7 @@ def test_socket_jobs_run_before_queued_folder_jobs_and_sigterm_finishes_the_curr
         d.wait_log("job j1 queued")
         client = ServiceClient(str(sock), timeout=120, client_name="test-gimp")
         content = write_image(tmp_path / "gimp.png", 50)
-        result = client.stylize(content, [tmp_path / "styles" / "style.png"],
+        result = client.run_job(content, [tmp_path / "styles" / "style.png"],
                                 {"size": 32, "iterations": 2, "weights": "random"})
         done_when_gimp_finished = len(files(tmp_path / "out"))
         assert result.width == 32 or result.height == 32

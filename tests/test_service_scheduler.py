@@ -105,7 +105,7 @@ def test_embedded_server_with_group_socket(tmp_path, scheduler):
         with pytest.raises(ServiceSetupError, match="already"):
             ServiceServer(path, scheduler).start()
         events = []
-        out = nc.ServiceClient(path).stylize(nc.RawImage(2, 2, 3, 8, bytes(range(12))), [],
+        out = nc.ServiceClient(path).run_job(nc.RawImage(2, 2, 3, 8, bytes(range(12))), [],
                                              {"weights": "random", "size": 32, "iterations": 2, "style_weight": 0},
                                              on_progress=events.append)
         assert (out.width, out.height, out.channels) == (32, 32, 3) and events[-1]["step"] == 2
@@ -126,7 +126,7 @@ def test_embedded_server_with_group_socket(tmp_path, scheduler):
 
 def _attempt(path, params, events):
     try:
-        return nc.ServiceClient(path).stylize(nc.RawImage(2, 2, 3, 8, bytes(12)), [], params, on_progress=events.append)
+        return nc.ServiceClient(path).run_job(nc.RawImage(2, 2, 3, 8, bytes(12)), [], params, on_progress=events.append)
     except nc.ServiceError as e:
         return e
 
@@ -170,7 +170,7 @@ def test_stop_lets_the_running_job_finish_for_its_client(tmp_path):
 
     def run(name, priority):
         try:
-            outcome[name] = nc.ServiceClient(path).stylize(nc.RawImage(2, 2, 3, 8, bytes(12)), [], params,
+            outcome[name] = nc.ServiceClient(path).run_job(nc.RawImage(2, 2, 3, 8, bytes(12)), [], params,
                                                            priority=priority, on_progress=events.append)
         except nc.ServiceError as e:
             outcome[name] = e
