@@ -883,53 +883,6 @@ class _Loader:
                     break
 
 
-# ---- describing (--check-config) -----------------------------------------------------------------
-
-
-def describe(config: Config, env=None, running=()) -> str:
-    """What each rule would do, for people (nst-daemon --check-config). `running`: the live
-    daemons (folderlock.Holder) that watch the rules' folders now, whose journal and socket are
-    the service's even where this process would use others (run by hand, not under systemd)."""
-    from .watch import fs_type, network_fs
-
-    env = os.environ if env is None else env
-    s = config.settings
-    sock = s.socket_path(env)
-    by_hand = "" if s.journal is not None or env.get("STATE_DIRECTORY") else \
-        " (as run now, by hand; under systemd: $STATE_DIRECTORY/journal.sqlite)"
-    lines = [f"config {config.path}: {len(config.rules)} rule(s), valid",
-             f"  devices: {', '.join(s.devices)}; journal: {s.journal_path(env)}{by_hand}",
-             f"  job service socket: {sock if sock else 'off'}"
-             + (f" (group {s.socket_group}, 0660)" if sock and s.socket_group else " (0600)" if sock else ""),
-             f"  scan every {s.scan_interval:g}s; settle {s.settle:g}s; max attempts {s.max_attempts}; "
-             f"reload on change: {'yes' if s.reload_on_change else 'no (SIGHUP)'}"]
-    groups: dict = {}
-    for h in running:
-        groups.setdefault((h.pid, h.user, h.journal, h.socket), []).append(str(h.path.parent))
-    for (pid, user, journal, socket), folders in groups.items():
-        lines.append(f"  running now: nst-daemon pid {pid}" + (f" (user {user})" if user else "")
-                     + f", journal {journal}, socket {socket or 'off'}; watching {', '.join(folders)}")
-    if not running:
-        lines.append("  running now: no nst-daemon watches these folders")
-    for r in config.rules:
-        lines.append(f"rule {r.name} (version {r.version}):")
-        for d in r.watch:
-            fst = fs_type(d)
-            how = "polled" if r.poll == "always" or (r.poll == "auto" and network_fs(fst)) else "inotify events"
-            state = "" if d.exists() else " (will be created)"
-            lines.append(f"  watches {d}{state}{' recursively' if r.recursive else ''} [{fst}, {how}]")
-        lines.append(f"  takes {', '.join(r.include)}" + (f" except {', '.join(r.exclude)}" if r.exclude else ""))
-        lines.append(f"  style {', '.join(str(p) for p in r.styles) or '(none)'}")
-        lines.append(f"  params {r.describe_params()}")
-        example = r.output_name(Path("photo.jpg"))
-        lines.append(f"  writes {r.output / example} for photo.jpg (on collision: {r.on_collision})")
-        if r.keep_inputs:
-            lines.append(f"  leaves inputs in place; failures get a sidecar in {r.failed_dir(r.watch[0])}")
-        else:
-            lines.append(f"  then moves inputs to {r.processed_dir(r.watch[0])}, failures to {r.failed_dir(r.watch[0])}")
-    return "\n".join(lines)
-
-
 # ---- helpers -------------------------------------------------------------------------------------
 
 _BAD = object()

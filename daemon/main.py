@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fcntl
-import hashlib
 import logging
 import math
 import os
@@ -28,15 +27,16 @@ from pathlib import Path
 
 from nst_core.errors import NSTError
 
-from .config import Config, ConfigError, Rule, describe, journal_problem, load_config
+from .config import Config, ConfigError, Rule, journal_problem, load_config
+from .decide import DUPLICATE, FINISH, LATER, RUN, decide, waits_elsewhere
 from .folderlock import FolderLocks, live_holders
-from .journal import Identity, Job, Journal
+from .journal import Identity, Job, Journal, instance_alive, instance_lock_path
 from .names import show
 from .notify import Notifier
+from .report import describe, dry_run
 from .safefs import LinkRefused
 from .watch import Settler, Watcher, scan
-from .worker import (Item, JobQueue, Running, Stats, Worker, folder_problem, finish_input, free_name,
-                     move_duplicate)
+from .worker import Item, JobQueue, Running, Stats, Worker, folder_problem, finish_input, move_duplicate
 
 log = logging.getLogger("nst-daemon")
 
@@ -250,7 +250,7 @@ class Daemon:
 
     def _lock_instance(self, jpath: Path) -> None:
         jpath.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(_lock_path(jpath, self.owner), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(instance_lock_path(jpath, self.owner), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -349,46 +349,21 @@ class Daemon:
         if rule.name in self._blocked:
             return
         ident = Identity.of(st)
-        journal = self.journal
-        t0 = time.perf_counter()
-        job = journal.by_input(path, ident)
-        self.stats.add("journal", time.perf_counter() - t0, 0)
-        if job is not None and (job.rule != rule.name or job.rule_version != rule.version):
-            job = None
-        if job is None:
-            t0 = time.perf_counter()
-            key = content_key(path, st)
-            self.stats.add("hash", time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            job = journal.find(key, rule.name, rule.version) or journal.add(key, rule.name, rule.version, path, ident)
-            self.stats.add("journal", time.perf_counter() - t0)
+        job = self.journal.job_for(path, st, rule.name, rule.version, create=True, stats=self.stats)
         item = Item(job.id, path, rule.name, rule.version, root)
-        same = job.same_input(path, ident)
-        if job.state == "queued":
-            if not same:
-                if Identity.at(job.in_path) is not None and job.in_path != str(path):
-                    self._later.add(path)  # the same content is waiting under another name
-                    return
-                journal.retry(job.id, path, ident, "queued")  # renamed before it ran
+        d = decide(job, path, ident, keep_inputs=rule.keep_inputs, ours=self.mine, elsewhere=waits_elsewhere(path),
+                   here=lambda j: self.queue.in_flight(j.id) or j.owner == self.owner)
+        if d.action == RUN:
+            if d.retry:
+                self.journal.retry(job.id, path, ident, d.retry)
             self.queue.put(item)
             self.changed()
-        elif job.state == "running":
-            if not self.queue.in_flight(job.id) and job.owner != self.owner:
-                self._later.add(path)  # another instance runs it
-        elif job.state == "done":
-            if same:
-                if self.mine(job):
-                    finish_input(self, job, item, rule, ok=True)  # a leftover from a crash
-            elif not rule.keep_inputs:
-                self._duplicate(job, item, rule)
-        elif job.state == "failed":
-            if same:
-                if not rule.keep_inputs and self.mine(job):
-                    finish_input(self, job, item, rule, ok=False)
-            else:
-                journal.retry(job.id, path, ident, "failed")  # dropped again: try again
-                self.queue.put(item)
-                self.changed()
+        elif d.action == LATER:
+            self._later.add(path)
+        elif d.action == FINISH:
+            finish_input(self, job, item, rule, ok=job.state == "done")
+        elif d.action == DUPLICATE:
+            self._duplicate(job, item, rule)
 
     def _duplicate(self, job: Job, item: Item, rule: Rule) -> None:
         try:
@@ -577,57 +552,6 @@ class Daemon:
         return 0
 
 
-def content_key(path: Path, st: os.stat_result) -> str:
-    """The content hash that keys a job (links and unreadable files get keys of their own).
-
-    The file is read without following a link (a link swapped in after `st` is not read through)."""
-    import stat as _stat
-
-    if _stat.S_ISLNK(st.st_mode):
-        try:
-            return "link:" + hashlib.sha256(os.fsencode(os.readlink(path))).hexdigest()
-        except OSError:
-            pass
-    else:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
-            fd = None
-        if fd is not None:
-            try:
-                now = os.fstat(fd)
-                if _stat.S_ISREG(now.st_mode) and (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
-                    h = hashlib.sha256()
-                    with os.fdopen(fd, "rb", closefd=False) as f:
-                        for chunk in iter(lambda: f.read(1 << 20), b""):
-                            h.update(chunk)
-                    return h.hexdigest()
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
-    return f"unreadable:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
-
-
-def _lock_path(jpath: Path, owner: str) -> Path:
-    return jpath.with_name(f"{jpath.name}.{owner}.lock")
-
-
-def instance_alive(jpath: Path, owner: str) -> bool:
-    """Whether a daemon instance holds its lock on this journal (flock: released when a process dies)."""
-    try:
-        fd = os.open(_lock_path(Path(jpath), owner), os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-
-
 def _file_sig(path: Path):
     try:
         st = os.stat(path)
@@ -637,78 +561,6 @@ def _file_sig(path: Path):
 
 
 # ---- the command -----------------------------------------------------------------------------------
-
-
-def dry_run(config: Config, env=None) -> int:
-    """Print what the daemon would do with the files that are there now; touches nothing.
-
-    The journal read is, per watched folder, that of the live daemon that watches it (found by its
-    lock file: the service's, when this runs by hand), else the one this process would use."""
-    own = config.settings.journal_path(env)
-    journals: dict[str, Journal | None] = {}
-
-    def journal_for(root: Path) -> Journal | None:
-        live = [h for h in live_holders([root]) if h.journal]
-        path = live[0].journal if live else str(own)
-        if path not in journals:
-            whose = (f"the journal of the running {live[0].describe().split(' with the journal')[0]}" if live
-                     else "no nst-daemon watches this folder now; the journal it would use run as now")
-            if not os.path.exists(path):
-                print(f"journal {path} ({whose}): none yet")
-                journals[path] = None
-            else:
-                try:
-                    journals[path] = Journal(path, readonly=True)
-                    journals[path].get(0)  # reads the file now: a permission problem shows here
-                except (OSError, sqlite3.Error) as e:
-                    raise NSTError(f"cannot read {whose}, {path} ({e}); run this as the daemon's user "
-                                   f"(for example: sudo -u {(live[0].user if live else None) or 'nst'} "
-                                   f"nst-daemon --config {config.path} --dry-run)") from None
-                print(f"journal {path} ({whose})")
-        return journals[path]
-
-    n = 0
-    try:
-        for rule in config.rules:
-            for root in rule.watch:
-                if not root.is_dir():
-                    print(f"rule {rule.name}: {root} does not exist{' (created at start)' if rule.create else ''}")
-                    continue
-                journal = journal_for(root)
-                for p in scan(rule, root):
-                    try:
-                        st = os.lstat(p)
-                    except OSError:
-                        continue
-                    ident = Identity.of(st)
-                    job = journal.by_input(p, ident) if journal else None
-                    if job is not None and (job.rule != rule.name or job.rule_version != rule.version):
-                        job = None
-                    if job is None and journal is not None:
-                        job = journal.find(content_key(p, st), rule.name, rule.version)
-                    state = job.state if job else "new"
-                    if state in ("new", "queued", "running") or (state == "failed" and not job.same_input(p, ident)):
-                        target = rule.output / rule.output_name(p)
-                        note = ""
-                        if os.path.lexists(target):
-                            note = {"overwrite": " (exists: overwritten)", "skip": " (exists: skipped)",
-                                    "number": f" (exists: written as {free_name(target, set()).name})"}[rule.on_collision]
-                        print(f"rule {rule.name}: would process {p} → {target}{note}")
-                        n += 1
-                    elif state == "done":
-                        print(f"rule {rule.name}: {p}: done already"
-                              + ("" if rule.keep_inputs else f" (would move it to {rule.processed_dir(root)})"))
-                    else:
-                        print(f"rule {rule.name}: {p}: failed already ({(job.error or {}).get('message', '')})")
-    except NSTError as e:
-        print(f"nst-daemon: {e.message}", file=sys.stderr)
-        return 2
-    finally:
-        for j in journals.values():
-            if j is not None:
-                j.close()
-    print(f"{n} file(s) to process")
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
