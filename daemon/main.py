@@ -36,7 +36,9 @@ from .notify import Notifier
 from .report import describe, dry_run
 from .safefs import LinkRefused
 from .watch import Settler, Watcher, scan
-from .worker import Item, JobQueue, Running, Stats, Worker, folder_problem, finish_input, move_duplicate
+from .inputs import finish_input, folder_problem, move_duplicate
+from .jobs import FolderContext, Item, JobQueue, OutputNames, Running, RuleBlocks, Stats
+from .worker import FolderWorker, StyleCache
 
 log = logging.getLogger("nst-daemon")
 
@@ -83,17 +85,12 @@ def setup_logging(level: str) -> None:
     root.setLevel(level.upper())
 
 
-class RuleError(NSTError):
-    """A rule's style image cannot be used at job time (changed or removed since the config was read)."""
-
-    kind = "rule"
-
-
 # ---- the daemon ----------------------------------------------------------------------------------
 
 
 class Daemon:
-    """Everything the running daemon holds; also the context its folder workers use."""
+    """Everything the running daemon holds: rules and watchers, the journal, the engine and socket, and
+    its folder workers, to which it hands only a `FolderContext`."""
 
     def __init__(self, config: Config, *, instance: str = "main", devices=None, socket="config", env=None):
         self.config = config
@@ -108,19 +105,18 @@ class Daemon:
         self.running: dict[int, Running] = {}
         self.stopping = threading.Event()
         self.stop_deadline = math.inf
-        self.names_lock = threading.Lock()
-        self.reserved: set[Path] = set()
+        self.names = OutputNames()
+        self.blocks = RuleBlocks(self.queue, lambda: self.config.settings.scan_interval, self.changed)
+        self.styles = StyleCache()
         self.journal: Journal | None = None
         self.scheduler = None
         self.server = None
         self.watcher: Watcher | None = None
-        self.workers: list[Worker] = []
+        self.workers: list[FolderWorker] = []
+        self.context: FolderContext | None = None
         self._wake = threading.Event()
         self._reload_requested = False
         self._stop_requested = False
-        self._blocked: dict[str, tuple[str, float]] = {}
-        self._style_cache: dict[tuple, object] = {}
-        self._style_lock = threading.Lock()
         self._later: set[Path] = set()
         self._lock_fd: int | None = None
         self.locks: FolderLocks | None = None
@@ -129,58 +125,34 @@ class Daemon:
         self._last_status = ""
         self._config_sig = _file_sig(config.path)
 
-    # -- context for workers --
+    # -- what the folder workers are told --
     def changed(self) -> None:
         self._status_dirty = True
 
-    def rediscover(self, path: Path) -> None:
+    def look_again(self, path: Path, delay: float = 0.0, st: os.stat_result | None = None) -> None:
+        """Settle the file at `path` again (its rule found anew), after `delay` seconds unless it
+        changes from `st` before."""
         owner = self.config.owner(path)
-        if owner is not None:
+        if owner is None:
+            return
+        if delay or st is not None:
+            self.settler.defer(path, owner[0].name, owner[1], delay, st)
+        else:
             self.settler.add(path, owner[0].name, owner[1])
-            self._wake.set()
-
-    def defer(self, item: Item, delay: float, st: os.stat_result | None = None) -> None:
-        """Look at an input again in `delay` seconds (or once it changes): it could not be decoded yet."""
-        self.settler.defer(item.path, item.rule, item.root, delay, st)
         self._wake.set()
 
     def trust_ctime(self, root: Path) -> bool:
         """Whether file change times under `root` are in our clock (not a network folder's)."""
         return self.watcher is None or self.watcher.modes.get(root) != "polled"
 
-    def block(self, rule: str, message: str) -> None:
-        if self._blocked.get(rule, (None,))[0] != message:
-            log.error("rule %s: %s; its files wait (retried in %gs, or at a reload)", rule, message,
-                      self.config.settings.scan_interval)
-        self._blocked[rule] = (message, time.monotonic() + self.config.settings.scan_interval)
-        self.queue.drop(lambda i: i.rule != rule)
-        self.changed()
-
-    def blocked_reason(self, rule: str) -> str | None:
-        b = self._blocked.get(rule)
-        return b[0] if b else None
-
-    def styles(self, rule: Rule) -> list:
-        from nst_core.images import load_image
-
-        out = []
-        for p in rule.styles:
-            try:
-                st = os.stat(p)
-            except OSError as e:
-                raise RuleError(f"rule {rule.name}: style image {p}: {e.strerror or e}") from None
-            key = (str(p), st.st_size, st.st_mtime_ns)
-            with self._style_lock:
-                pic = self._style_cache.get(key)
-            if pic is None:
-                try:
-                    pic = load_image(p)
-                except NSTError as e:
-                    raise RuleError(f"rule {rule.name}: style image: {e.message}") from None
-                with self._style_lock:
-                    self._style_cache[key] = pic
-            out.append(pic)
-        return out
+    def folder_context(self) -> FolderContext:
+        """What the folder workers (and the moving of inputs) may use; the journal and scheduler must be open."""
+        return FolderContext(
+            journal=self.journal, queue=self.queue, scheduler=self.scheduler, settler=self.settler,
+            stats=self.stats, names=self.names, blocks=self.blocks, running=self.running, owner=self.owner,
+            stopping=self.stopping, config=lambda: self.config, styles=self.styles,
+            stop_deadline=lambda: self.stop_deadline, trust_ctime=self.trust_ctime, look_again=self.look_again,
+            changed=self.changed)
 
     # -- lifecycle --
     def start(self) -> None:
@@ -203,7 +175,8 @@ class Daemon:
                                         owns_scheduler=False)
             self.server.start()
         self._start_watching()
-        self.workers = [Worker(self, i) for i in range(max(1, len(self.scheduler.devices)))]
+        self.context = self.folder_context()
+        self.workers = [FolderWorker(self.context, i) for i in range(max(1, len(self.scheduler.devices)))]
         for w in self.workers:
             w.start()
         self.scan_all()
@@ -320,15 +293,12 @@ class Daemon:
 
     def scan_all(self) -> None:
         t0, n = time.perf_counter(), 0
-        now = time.monotonic()
-        for name, (_, until) in list(self._blocked.items()):
-            if until <= now:
-                del self._blocked[name]
+        self.blocks.expire()
         later, self._later = self._later, set()
         for p in later:
-            self.rediscover(p)
+            self.look_again(p)
         for rule in self.config.rules:
-            if rule.name in self._blocked:
+            if rule.name in self.blocks:
                 continue
             for root in rule.watch:
                 if not root.is_dir():
@@ -346,7 +316,7 @@ class Daemon:
         if owner is None:
             return
         rule, root = owner
-        if rule.name in self._blocked:
+        if rule.name in self.blocks:
             return
         ident = Identity.of(st)
         job = self.journal.job_for(path, st, rule.name, rule.version, create=True, stats=self.stats)
@@ -361,17 +331,17 @@ class Daemon:
         elif d.action == LATER:
             self._later.add(path)
         elif d.action == FINISH:
-            finish_input(self, job, item, rule, ok=job.state == "done")
+            finish_input(self.context, job, item, rule, ok=job.state == "done")
         elif d.action == DUPLICATE:
             self._duplicate(job, item, rule)
 
     def _duplicate(self, job: Job, item: Item, rule: Rule) -> None:
         try:
-            dest = move_duplicate(self, item, rule)
+            dest = move_duplicate(item, rule)
             log.info("%s: same content as %s, already done (%s); moved to %s", item.path, job.in_path,
                      job.out_path or job.note, dest)
         except LinkRefused as e:
-            self.block(rule.name, folder_problem(e.path, e).message)
+            self.blocks.block(rule.name, folder_problem(e.path, e).message)
         except OSError as e:
             log.error("%s: cannot move it to %s: %s", item.path, rule.processed_dir(item.root), e)
 
@@ -431,8 +401,8 @@ class Daemon:
         text = f"{len(self.queue)} queued, {len(self.settler)} settling; "
         text += ("running " + ", ".join(running)) if running else "idle"
         text += f"; {c.get('done', 0)} done, {c.get('failed', 0)} failed since start"
-        if self._blocked:
-            text += "; waiting: " + "; ".join(f"{k}: {m}" for k, (m, _) in self._blocked.items())
+        if blocked := self.blocks.items():
+            text += "; waiting: " + "; ".join(f"{k}: {m}" for k, m in blocked)
         if self._reload_error:
             text = f"reload failed, old rules in use: {self._reload_error} | " + text
         return text
@@ -484,7 +454,7 @@ class Daemon:
         gone = self.queue.drop(lambda i: versions.get(i.rule, (None,))[0] == i.version and i.root in versions[i.rule][1])
         for item in gone:
             self.journal.forget(item.job_id)
-        self._blocked.clear()
+        self.blocks.clear()
         self._start_watching()
         self.scan_all()
         self._last_scan = time.monotonic()

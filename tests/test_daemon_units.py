@@ -135,7 +135,7 @@ def test_watchdog_is_fed_only_while_idle_or_progressing(tmp_path):
     from pathlib import Path
 
     from daemon.main import Daemon
-    from daemon.worker import Item, Running
+    from daemon.jobs import Item, Running
     from daemon_util import make_config
     from daemon.config import load_config
 
@@ -193,3 +193,34 @@ def test_check_config_quiet_prints_nothing_for_a_good_file_and_the_errors_for_a_
     cfg.write_text(cfg.read_text().replace("output: out", "output: out\n  colour: blue"))
     bad = _cli("--config", str(cfg), "--check-config", "--quiet")
     assert bad.returncode == 2 and bad.stdout == "" and ": rules.r.colour: unknown key" in bad.stderr
+
+
+def test_folder_workers_reach_the_daemon_only_through_their_context_and_modules_import_no_private_names():
+    """The folder worker and the moving of inputs use a FolderContext (typed fields), never the
+    Daemon; no daemon or nst_core module imports another one's _private names."""
+    import ast
+    import dataclasses
+    import inspect
+    from pathlib import Path
+
+    from daemon import inputs, worker
+    from daemon.jobs import FolderContext
+
+    fields = {f.name for f in dataclasses.fields(FolderContext)}
+    used = set()
+    for module in (worker, inputs):
+        for node in ast.walk(ast.parse(inspect.getsource(module))):
+            if isinstance(node, ast.Attribute):
+                base = node.value
+                if (isinstance(base, ast.Name) and base.id == "ctx") or (
+                        isinstance(base, ast.Attribute) and base.attr == "ctx"):
+                    used.add(node.attr)
+    assert used and used <= fields, used - fields
+    assert all(FolderContext.__annotations__[f] for f in fields)  # every field typed
+    root = Path(__file__).resolve().parents[1]
+    private = []
+    for path in [*root.glob("daemon/*.py"), *root.glob("nst_core/**/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith(("daemon", "nst_core"))):
+                private += [f"{path.name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+    assert private == []
