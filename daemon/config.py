@@ -22,7 +22,7 @@ import re
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import yaml
 
@@ -63,7 +63,7 @@ RULE_DEFAULTS: dict[str, Any] = {
     "min_input_side": 16,  # smaller inputs fail: upscaling a 1×1 image would invent every pixel
     "params": {},
 }
-REQUIRED_RULE_KEYS = ("name", "watch", "style", "output")
+REQUIRED_RULE_KEYS = ("rule", "watch", "style", "output")
 RULE_KEYS = ("rule", "watch", "include", "exclude", "recursive", "style", "params", "output", "name",
              "on_collision", "keep_inputs", "processed", "failed", "poll", "create", "min_input_side")
 COLLISIONS = ("overwrite", "number", "skip")
@@ -305,6 +305,52 @@ def _save_formats() -> dict:
     from nst_core.images import SAVE_FORMATS  # the one list of writable formats, also used by save_image
 
     return SAVE_FORMATS
+
+
+# ---- the optional keys of a rule: how each is read and checked ------------------------------------
+
+@dataclass(frozen=True)
+class _Field:
+    """kind: str, bool, int, "strings" (a string or a list of strings) or object (any YAML value);
+    check(value): why the value is wrong, or None; convert(loader, value, node, key): the value as
+    kept (None: a problem it noted); empty: "strings" may be an empty list."""
+
+    kind: Any
+    check: Callable[[Any], str | None] | None = None
+    convert: Callable[[Any, Any, Any, str], Any] | None = None
+    empty: bool = False
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[Any], str | None]:
+    return lambda x: None if x in choices else f"must be one of {', '.join(choices)}, got {x!r}"
+
+
+def _between(lo: int, hi: int) -> Callable[[Any], str | None]:
+    return lambda x: None if lo <= x <= hi else f"must be between {lo} and {hi}, got {x}"
+
+
+def _folder_name(x: str) -> str | None:
+    return None if x.strip() and ".." not in Path(x).parts else \
+        "must be a folder name (relative to each watched folder) or an absolute path"
+
+
+def _poll(x) -> str | None:
+    return None if x is True or x is False or x == "auto" else f"must be auto, true or false, got {_show(x)}"
+
+
+RULE_FIELDS: dict[str, _Field] = {  # read in this order; their defaults are RULE_DEFAULTS
+    "include": _Field("strings"),
+    "exclude": _Field("strings", empty=True),
+    "recursive": _Field(bool),
+    "keep_inputs": _Field(bool),
+    "create": _Field(bool),
+    "name": _Field(str, check_template),
+    "on_collision": _Field(str, _one_of(COLLISIONS)),
+    "processed": _Field(str, _folder_name, lambda loader, x, node, key: loader.expand(x, node, key)),
+    "failed": _Field(str, _folder_name, lambda loader, x, node, key: loader.expand(x, node, key)),
+    "min_input_side": _Field(int, _between(1, 16384)),
+    "poll": _Field(object, _poll, lambda loader, x, node, key: {True: "always", False: "never"}.get(x, "auto")),
+}
 
 
 # ---- loading -------------------------------------------------------------------------------------
@@ -651,139 +697,28 @@ class _Loader:
         return out
 
     def rule(self, node, i: int, base: StyleParams, settings: Settings, defaults_map) -> Rule | None:
-        key = f"rules[{i}]"
-        if isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                if getattr(k, "value", None) == "rule" and isinstance(v, yaml.ScalarNode) and _RULE_NAME.match(v.value):
-                    key = f"rules.{v.value}"
-        m = self.mapping(node, key, RULE_KEYS)
+        """One rule: its name, the keys of RULE_FIELDS, its folders, styles and parameters, then the
+        checks that take several keys together. None (with the problems noted) where it is invalid."""
+        m, key, name = self.rule_name(node, i)
         if m is None:
             return None
-        key = f"rules[{i}]"
-        name = None
-        if "rule" not in m:
-            self.problem(node, f"{key}.rule", "missing: every rule needs a name (rule: NAME)")
-        else:
-            name = self.scalar(m["rule"], f"{key}.rule", str, lambda v: None if _RULE_NAME.match(v) else
-                               "must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
-            if name is not _BAD:
-                key = f"rules.{name}"
-        ok = name not in (None, _BAD)
-        for req in ("watch", "style", "output"):
+        ok = name is not None
+        for req in REQUIRED_RULE_KEYS[1:]:
             if req not in m:
                 self.problem(node, f"{key}.{req}", "missing")
                 ok = False
-        v = {k: RULE_DEFAULTS[k] for k in RULE_DEFAULTS}
-        for k in ("include", "exclude"):
+        v = dict(RULE_DEFAULTS)
+        for k, spec in RULE_FIELDS.items():
             if k in m:
-                r = self.str_list(m[k], f"{key}.{k}", nonempty=(k == "include"))
+                r = self.field(spec, m[k], f"{key}.{k}")
                 ok &= r is not _BAD
                 v[k] = r
-        for k in ("recursive", "keep_inputs", "create"):
-            if k in m:
-                r = self.scalar(m[k], f"{key}.{k}", bool)
-                ok &= r is not _BAD
-                v[k] = r
-        if "name" in m:
-            r = self.scalar(m["name"], f"{key}.name", str, check_template)
-            ok &= r is not _BAD
-            v["name"] = r
-        if ok and output_suffix(v["name"]) is None:
-            # {ext}: the output takes the input's format, so every format the rule takes must be writable.
-            unwritable = [g for g in v["include"] if _literal_suffix(g) and _literal_suffix(g) not in _save_formats()]
-            if unwritable:
-                self.problem((m.get("include") or m.get("name") or (None, node))[1], f"{key}.include",
-                             f"takes {', '.join(unwritable)}, but the name {v['name']!r} keeps the input's extension "
-                             f"and those cannot be written; end the name in one of "
-                             f"{', '.join(sorted(_save_formats()))} (for example {{stem}}_{{rule}}.png)")
-                ok = False
-        if "on_collision" in m:
-            r = self.scalar(m["on_collision"], f"{key}.on_collision", str, lambda x: None if x in COLLISIONS
-                            else f"must be one of {', '.join(COLLISIONS)}, got {x!r}")
-            ok &= r is not _BAD
-            v["on_collision"] = r
-        for k in ("processed", "failed"):
-            if k in m:
-                r = self.scalar(m[k], f"{key}.{k}", str, lambda x: None if x.strip() and ".." not in Path(x).parts
-                                else "must be a folder name (relative to each watched folder) or an absolute path")
-                ok &= r is not _BAD
-                v[k] = r if r is _BAD else self.expand(r, m[k][1], f"{key}.{k}")
-                ok &= v[k] not in (_BAD, None)
-                self.folder_nodes[(name, k)] = m[k][1]
-        if "min_input_side" in m:
-            r = self.scalar(m["min_input_side"], f"{key}.min_input_side", int,
-                            lambda x: None if 1 <= x <= 16384 else f"must be between 1 and 16384, got {x}")
-            ok &= r is not _BAD
-            v["min_input_side"] = r
-        if "poll" in m:
-            _, pnode = m["poll"]
-            pv = self.value(pnode, f"{key}.poll")
-            if pv is True or pv is False or pv == "auto":
-                v["poll"] = {True: "always", False: "never"}.get(pv, "auto")
-            else:
-                self.problem(pnode, f"{key}.poll", f"must be auto, true or false, got {_show(pv)}")
-                ok = False
-        create = v["create"] is True
-        watch: list[Path] = []
-        if "watch" in m:
-            r = self.str_list(m["watch"], f"{key}.watch")
-            if r is _BAD:
-                ok = False
-            else:
-                for p in r:
-                    d = self.resolve(p, m["watch"][1], f"{key}.watch")
-                    if d is None:
-                        ok = False
-                        continue
-                    if not d.is_dir() and not (create and not d.exists()):
-                        what = "is not a folder" if d.exists() else "no such folder (create it, or set create: true)"
-                        self.problem(m["watch"][1], f"{key}.watch", f"{d}: {what}")
-                        ok = False
-                    watch.append(d)
-                if name not in (None, _BAD):
-                    self.watch_nodes[name] = m["watch"][1]
-                if len(set(watch)) != len(watch):
-                    self.problem(m["watch"][1], f"{key}.watch", "a folder is listed twice")
-                    ok = False
-        styles: list[Path] = []
-        style_hashes: list[str] = []
-        pictures: list = []  # the decoded style images (when check_styles)
-        if "style" in m:
-            r = self.str_list(m["style"], f"{key}.style")
-            if r is _BAD:
-                ok = False
-            else:
-                for p in r:
-                    f = self.resolve(p, m["style"][1], f"{key}.style")
-                    if f is None:
-                        ok = False
-                        continue
-                    msg = self.check_style(f, pictures)
-                    if msg:
-                        self.problem(m["style"][1], f"{key}.style", msg)
-                        ok = False
-                    else:
-                        try:
-                            style_hashes.append(file_hash(f))
-                        except OSError as e:
-                            self.problem(m["style"][1], f"{key}.style", f"{f}: cannot read ({e.strerror or e})")
-                            ok = False
-                    styles.append(f)
-        output = None
-        if "output" in m:
-            r = self.scalar(m["output"], f"{key}.output", str)
-            if r is _BAD:
-                ok = False
-            else:
-                output = self.resolve(r, m["output"][1], f"{key}.output")
-                if output is None:
-                    ok = False
-                elif output.exists() and not output.is_dir():
-                    self.problem(m["output"][1], f"{key}.output", f"{output}: is not a folder")
-                    ok = False
-                elif output in watch:
-                    self.problem(m["output"][1], f"{key}.output", "must not be a watched folder (outputs would be taken as inputs)")
-                    ok = False
+                if k in ("processed", "failed"):
+                    self.folder_nodes[(name, k)] = m[k][1]
+        ok &= self.writable_include(v, m, node, key, ok)
+        watch, watch_ok = self.rule_watch(m, key, name, v["create"] is True)
+        styles, style_hashes, pictures = self.rule_styles(m, key)
+        output = self.rule_output(m, key, watch)
         params = base
         if "params" in m:
             pm = self.mapping(m["params"][1], f"{key}.params", None)
@@ -793,31 +728,8 @@ class _Loader:
                 n_before = len(self.problems)
                 params = self.params(pm, f"{key}.params", base, m["params"][1], defaults_map)
                 ok &= len(self.problems) == n_before
-        def param_node(field: str):
-            pm_ = self.mapping(m["params"][1], "", None) if "params" in m else None
-            hit = next((e for n, e in (pm_ or {}).items() if n.replace("-", "_") == field), None)
-            return hit[1] if hit else (m["params"][1] if "params" in m else node)
-
-        if ok and params.device != "auto" and "auto" not in settings.devices and params.device not in settings.devices:
-            self.problem(param_node("device"), f"{key}.params.device", f"{params.device!r} is not one of the daemon's devices "
-                                                        f"({', '.join(settings.devices)}; settings.device)")
-            ok = False
-        if ok and not styles and params.style_weight > 0:
-            self.problem(m["style"][1], f"{key}.style", "give at least one style image")
-            ok = False
-        if ok and params.style_blend is not None and len(params.style_blend) != len(styles):
-            self.problem(param_node("style_blend"), f"{key}.params.style_blend",
-                         f"has {len(params.style_blend)} weights for {len(styles)} style images")
-            ok = False
-        if ok and pictures and params.style_weight > 0:
-            from nst_core.engine import check_style_sizes
-
-            try:
-                check_style_sizes(params, pictures)
-            except ParamError as e:
-                self.problem(m["style"][1], f"{key}.style", e.message.partition(": ")[2])
-                ok = False
-        if not ok:
+        ok = ok and watch_ok and styles is not None and output is not None
+        if not (ok and self.rule_agrees(m, node, key, params, settings, styles, pictures)):
             return None
         pixel_params = {k: val for k, val in params.to_mapping().items() if k != "device"}
         version = hashlib.sha256(json.dumps({"params": pixel_params, "styles": style_hashes},
@@ -826,9 +738,148 @@ class _Loader:
             name=name, watch=tuple(watch), include=tuple(v["include"]), exclude=tuple(v["exclude"]),
             recursive=v["recursive"], styles=tuple(styles), params=params, output=output,
             template=v["name"], on_collision=v["on_collision"], keep_inputs=v["keep_inputs"],
-            processed=v["processed"], failed=v["failed"], poll=v["poll"], create=create,
+            processed=v["processed"], failed=v["failed"], poll=v["poll"], create=v["create"] is True,
             min_input_side=v["min_input_side"], version=version, line=node.start_mark.line + 1,
         )
+
+    def rule_name(self, node, i: int) -> tuple[dict | None, str, str | None]:
+        """(the rule's keys, its key for messages: rules.NAME or rules[i], its name or None)."""
+        key = f"rules[{i}]"
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                if getattr(k, "value", None) == "rule" and isinstance(v, yaml.ScalarNode) and _RULE_NAME.match(v.value):
+                    key = f"rules.{v.value}"
+        m = self.mapping(node, key, RULE_KEYS)
+        key = f"rules[{i}]"
+        if m is None:
+            return None, key, None
+        if "rule" not in m:
+            self.problem(node, f"{key}.rule", "missing: every rule needs a name (rule: NAME)")
+            return m, key, None
+        name = self.scalar(m["rule"], f"{key}.rule", str, lambda v: None if _RULE_NAME.match(v) else
+                           "must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        return (m, key, None) if name is _BAD else (m, f"rules.{name}", name)
+
+    def field(self, spec: "_Field", entry, key: str):
+        """A value read as `spec` says (_BAD, with the problem noted, where it cannot be)."""
+        r = self.str_list(entry, key, nonempty=not spec.empty) if spec.kind == "strings" else \
+            self.scalar(entry, key, spec.kind, spec.check)
+        if r is _BAD or spec.convert is None:
+            return r
+        r = spec.convert(self, r, entry[1], key)
+        return _BAD if r is None else r
+
+    def writable_include(self, v: dict, m: dict, node, key: str, ok: bool) -> bool:
+        """With {ext} in the name, the output takes the input's format: each format the rule takes must be writable."""
+        if not ok or output_suffix(v["name"]) is not None:
+            return True
+        unwritable = [g for g in v["include"] if _literal_suffix(g) and _literal_suffix(g) not in _save_formats()]
+        if unwritable:
+            self.problem((m.get("include") or m.get("name") or (None, node))[1], f"{key}.include",
+                         f"takes {', '.join(unwritable)}, but the name {v['name']!r} keeps the input's extension "
+                         f"and those cannot be written; end the name in one of "
+                         f"{', '.join(sorted(_save_formats()))} (for example {{stem}}_{{rule}}.png)")
+        return not unwritable
+
+    def rule_watch(self, m: dict, key: str, name: str | None, create: bool) -> tuple[list[Path], bool]:
+        """(the watched folders, whether all of them are usable)."""
+        if "watch" not in m:
+            return [], True
+        r = self.str_list(m["watch"], f"{key}.watch")
+        if r is _BAD:
+            return [], False
+        ok, watch = True, []
+        for p in r:
+            d = self.resolve(p, m["watch"][1], f"{key}.watch")
+            if d is None:
+                ok = False
+                continue
+            if not d.is_dir() and not (create and not d.exists()):
+                what = "is not a folder" if d.exists() else "no such folder (create it, or set create: true)"
+                self.problem(m["watch"][1], f"{key}.watch", f"{d}: {what}")
+                ok = False
+            watch.append(d)
+        if name is not None:
+            self.watch_nodes[name] = m["watch"][1]
+        if len(set(watch)) != len(watch):
+            self.problem(m["watch"][1], f"{key}.watch", "a folder is listed twice")
+            ok = False
+        return watch, ok
+
+    def rule_styles(self, m: dict, key: str) -> tuple[list[Path] | None, list[str], list]:
+        """(style image paths, their hashes, their decoded pictures where checked); None paths where one is bad."""
+        styles: list[Path] = []
+        hashes: list[str] = []
+        pictures: list = []
+        if "style" not in m:
+            return styles, hashes, pictures
+        r = self.str_list(m["style"], f"{key}.style")
+        if r is _BAD:
+            return None, hashes, pictures
+        ok = True
+        for p in r:
+            f = self.resolve(p, m["style"][1], f"{key}.style")
+            if f is None:
+                ok = False
+                continue
+            msg = self.check_style(f, pictures)
+            if msg:
+                self.problem(m["style"][1], f"{key}.style", msg)
+                ok = False
+            else:
+                try:
+                    hashes.append(file_hash(f))
+                except OSError as e:
+                    self.problem(m["style"][1], f"{key}.style", f"{f}: cannot read ({e.strerror or e})")
+                    ok = False
+            styles.append(f)
+        return (styles if ok else None), hashes, pictures
+
+    def rule_output(self, m: dict, key: str, watch: list[Path]) -> Path | None:
+        if "output" not in m:
+            return None
+        r = self.scalar(m["output"], f"{key}.output", str)
+        if r is _BAD:
+            return None
+        output = self.resolve(r, m["output"][1], f"{key}.output")
+        if output is None:
+            return None
+        if output.exists() and not output.is_dir():
+            self.problem(m["output"][1], f"{key}.output", f"{output}: is not a folder")
+            return None
+        if output in watch:
+            self.problem(m["output"][1], f"{key}.output", "must not be a watched folder (outputs would be taken as inputs)")
+            return None
+        return output
+
+    def rule_agrees(self, m: dict, node, key: str, params: StyleParams, settings: Settings, styles: list[Path],
+                    pictures: list) -> bool:
+        """The checks across keys: the device is the daemon's, the styles fit the parameters."""
+        def param_node(field: str):
+            pm_ = self.mapping(m["params"][1], "", None) if "params" in m else None
+            hit = next((e for n, e in (pm_ or {}).items() if n.replace("-", "_") == field), None)
+            return hit[1] if hit else (m["params"][1] if "params" in m else node)
+
+        if params.device != "auto" and "auto" not in settings.devices and params.device not in settings.devices:
+            self.problem(param_node("device"), f"{key}.params.device", f"{params.device!r} is not one of the daemon's devices "
+                                                        f"({', '.join(settings.devices)}; settings.device)")
+            return False
+        if not styles and params.style_weight > 0:
+            self.problem(m["style"][1], f"{key}.style", "give at least one style image")
+            return False
+        if params.style_blend is not None and len(params.style_blend) != len(styles):
+            self.problem(param_node("style_blend"), f"{key}.params.style_blend",
+                         f"has {len(params.style_blend)} weights for {len(styles)} style images")
+            return False
+        if pictures and params.style_weight > 0:
+            from nst_core.engine import check_style_sizes
+
+            try:
+                check_style_sizes(params, pictures)
+            except ParamError as e:
+                self.problem(m["style"][1], f"{key}.style", e.message.partition(": ")[2])
+                return False
+        return True
 
     def check_style(self, f: Path, pictures: list) -> str | None:
         """Why the style image `f` cannot be used, or None (its decoded picture is added to `pictures`)."""
