@@ -20,7 +20,7 @@ from nst_core.errors import NSTError
 from nst_core.outputs import atomic_write, name_max
 
 from . import safefs
-from .config import Rule
+from .rules import Rule
 from .jobs import FolderContext, Item
 from .journal import Identity, Job
 from .names import fit_name, numbered, show

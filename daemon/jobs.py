@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Callable
 if TYPE_CHECKING:
     from nst_core.service.scheduler import Scheduler
 
-    from .config import Config, Rule
+    from .rules import Config, Rule
     from .journal import Journal
     from .watch import Settler
 

@@ -27,7 +27,8 @@ from pathlib import Path
 
 from nst_core.errors import NSTError
 
-from .config import Config, ConfigError, Rule, journal_problem, load_config
+from .config import ConfigError, journal_problem, load_config
+from .rules import Config, Rule
 from .decide import DUPLICATE, FINISH, LATER, RUN, decide, waits_elsewhere
 from .folderlock import FolderLocks, live_holders
 from .journal import Identity, Job, Journal, instance_alive, instance_lock_path

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from nst_core.errors import NSTError
 
-from .config import Config, Rule
+from .rules import Config, Rule
 from .decide import DUPLICATE, FINISH, decide, waits_elsewhere
 from .folderlock import live_holders
 from .journal import Identity, Journal, instance_alive

@@ -40,7 +40,7 @@ from nst_core.errors import (Cancelled, DeviceError, ImageError, NSTError, OutOf
 from nst_core.outputs import metadata, name_max, refuse_inputs
 
 from . import safefs
-from .config import Rule
+from .rules import Rule
 from .inputs import FolderProblem, finish_input, folder_problem, free_name
 from .jobs import FolderContext, Item, Running
 from .journal import Identity, Job

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.config import ConfigError, check_template, is_ignored_name, load_config, render_template
+from daemon.config import ConfigError, load_config
+from daemon.rules import check_template, is_ignored_name, render_template
 from daemon_util import REPO, write_image
 from nst_core.params import StyleParams
 
@@ -517,7 +518,7 @@ def test_every_rule_key_is_read_by_the_table_and_a_wrong_value_names_its_line_an
     for key, spec in RULE_FIELDS.items():
         text = GOOD.replace("    output: out\n", f"    output: out\n    {key}: {wrong[spec.kind]}\n")
         (problem,) = errors(folder, text)
-        assert f"config.yaml:10:" in problem and f"rules.one.{key}: " in problem, problem
+        assert "config.yaml:10:" in problem and f"rules.one.{key}: " in problem, problem
     ok = load_config_text(folder, GOOD.replace("    output: out\n", "    output: out\n    poll: false\n"
                                                "    exclude: []\n    processed: done\n    min_input_side: 64\n"))
     rule = ok.rules[0]
