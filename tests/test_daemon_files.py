@@ -427,7 +427,7 @@ def test_a_journal_of_schema_1_gains_the_sidecar_column(tmp_path):
 
 
 def test_log_records_show_any_name_on_one_line():
-    from daemon.main import JournaldFormatter
+    from daemon.logs import JournaldFormatter
 
     f = JournaldFormatter()
     name = Path(os.fsdecode(b"/in/a\n<3>forged \xff.png"))

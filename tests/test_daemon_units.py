@@ -9,7 +9,7 @@ import time
 from daemon.journal import Identity, Journal
 from daemon.notify import Notifier
 from daemon.watch import fs_type, network_fs, parse_mountinfo
-from daemon.main import JournaldFormatter
+from daemon.logs import JournaldFormatter
 
 
 def _listen(address):
