@@ -430,6 +430,24 @@ def test_normalised_file_keeps_features_up_to_channel_scale_and_caches_scales(vg
     assert torch.allclose(doubled.state_dict()["features.0.weight"], net.state_dict()["features.0.weight"] * 2)
 
 
+def test_a_default_stylisation_with_a_weights_file_uses_the_normalised_network(vgg_file, small_calibration):
+    from nst_core import Session, StyleParams, stylize
+    from nst_core.samples import sample_path
+
+    session = Session()
+    params = StyleParams(weights=str(vgg_file), device="cpu", size=32, iterations=1)  # else the defaults
+    result = stylize(sample_path("chelsea"), [sample_path("coffee")], params, session=session)
+    assert result.weights_label == f"{vgg_file} (normalised)"
+    net = session.network(params, torch.device("cpu"))  # the network that stylize used
+    capped, total = assert_normalised(net, small_calibration, upto=net.last)
+    assert capped < 0.05 * total
+    # ... and normalize_network false gives the file's own convolutions.
+    plain = params.replace(normalize_network=False)
+    result = stylize(sample_path("chelsea"), [sample_path("coffee")], plain, session=session)
+    assert result.weights_label == str(vgg_file)
+    assert_convs_equal(session.network(plain, torch.device("cpu")), vgg_state(1))
+
+
 def test_scales_cached_by_another_method_are_not_reused(monkeypatch, tmp_path, small_calibration):
     """Scales written before a change of calibration method must not be read back after it."""
     monkeypatch.setenv("NST_CACHE_DIR", str(tmp_path))
