@@ -37,10 +37,9 @@ def test_defaults_are_the_papers():
     assert p.level_sizes() == [(512, 500)]
 
 
-def test_default_reads_the_one_source():
+def test_every_field_has_help():
     for name in StyleParams.field_names():
-        assert StyleParams.default(name) == getattr(StyleParams(), name)
-        assert isinstance(StyleParams.help(name), str) and StyleParams.help(name)
+        assert isinstance(StyleParams.help(name), str) and len(StyleParams.help(name)) > 10, name
 
 
 def test_zero_weight_terms_are_not_used_layers():

@@ -176,15 +176,6 @@ def test_bad_names():
 
 # ---- ImageNet: hub cache, download, offline -------------------------------------------------------
 
-def test_default_source_is_torchvisions_file():
-    from torchvision.models import VGG19_Weights
-
-    assert W.imagenet_url() == VGG19_Weights.IMAGENET1K_V1.url
-    assert W.imagenet_file_name() == (W.IMAGENET_FILE, "dcbb9e9d")
-    assert W.hub_cache_path() == Path(torch.hub.get_dir()) / "checkpoints" / "vgg19-dcbb9e9d.pth"
-    assert str(W.hub_cache_path()).startswith(os.environ["TORCH_HOME"])
-
-
 def test_hub_cache_checked_once_by_hash(vgg_file, monkeypatch, tmp_path):
     name = f"vgg19-{sha256(vgg_file)[:8]}.pth"
     monkeypatch.setenv("NST_WEIGHTS_URL", f"http://127.0.0.1:{closed_port()}/{name}")
