@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import http.server
 import os
 import shutil
@@ -292,14 +293,16 @@ def calibration_statistics(net, images, upto="relu5_4"):
 
 
 def assert_normalised(net, images, upto="relu5_4") -> tuple[int, int]:
-    """Every live filter has mean activation 1 over `images`, except near-dead ones (active at under
-    NEAR_DEAD_RATE of the positions), whose scale may be capped (mean < 1). Returns (capped, filters)."""
+    """Every live filter has mean activation 1 over `images`, except near-dead ones (mean output
+    below NEAR_DEAD_RATIO of the mean |pre-activation|, or active at under NEAR_DEAD_RATE of the
+    positions), whose scale may be capped (mean < 1). Returns (capped, filters)."""
     capped_total = total = 0
     for relu, mean, magnitude, active in calibration_statistics(net, images, upto):
         dead = mean <= W.DEAD_RATIO * magnitude
         capped = ~dead & (mean < 1 - 1e-3)
         assert torch.allclose(mean[~dead & ~capped], torch.ones((), dtype=mean.dtype), atol=1e-3), relu
-        assert (active[capped] < W.NEAR_DEAD_RATE).all(), f"{relu}: filters active at {active[capped].max():.1%} capped"
+        near_dead = (mean < W.NEAR_DEAD_RATIO * magnitude) | (active < W.NEAR_DEAD_RATE)  # both scale-free
+        assert near_dead[capped].all(), f"{relu}: {int((capped & ~near_dead).sum())} filters capped that are not near-dead"
         capped_total += int(capped.sum())
         total += mean.numel()
     return capped_total, total
@@ -318,34 +321,37 @@ def random_calibration(random_net):
 
 
 def test_the_rule_caps_only_near_dead_filters():
-    # One layer: three ordinary filters, a weak one that is active at half the positions, a
-    # near-dead one (active at 0.5% of the positions) with the same low mean, and a dead one.
-    mean = torch.tensor([1.0, 0.5, 0.25, 1e-3, 1e-3, 0.0], dtype=torch.float64)
-    active = torch.tensor([0.5, 0.5, 0.5, 0.5, 0.005, 0.0], dtype=torch.float64)
-    stats = {"conv1_1": {"mean": mean, "magnitude": torch.ones(6, dtype=torch.float64), "active": active}}
+    # One layer: four ordinary filters, a weak one (low mean, but a fifth of its response is
+    # positive, at half the positions), two near-dead ones with the same low mean, one rarely on
+    # (0.5% of the positions) and one barely on (0.1% of its response), and a dead one.
+    mean = torch.tensor([1, 0.5, 0.25, 0.125, 1e-3, 1e-3, 1e-3, 0], dtype=torch.float64)
+    magnitude = torch.tensor([2, 1, 0.5, 0.25, 5e-3, 5e-3, 1, 1], dtype=torch.float64)
+    active = torch.tensor([0.5, 0.5, 0.5, 0.5, 0.5, 0.005, 0.3, 0], dtype=torch.float64)
     counts = {}
+    stats = {"conv1_1": {"mean": mean, "magnitude": magnitude, "active": active}}
     scale = W.scales_from_statistics(stats, counts)["conv1_1"].double()
-    assert torch.allclose(scale[:4], 1 / mean[:4])  # mean 1 exactly, however weak the filter
-    assert float(scale[4]) == pytest.approx(W.MAX_SCALE_OVER_MEDIAN * 4)  # the live scales' median is 4
-    assert float(scale[5]) == 1.0
-    assert counts == {"conv1_1": {"filters": 6, "dead": 1, "near_dead": 1, "capped": 1}}
+    assert torch.allclose(scale[:5], 1 / mean[:5])  # mean 1 exactly, however weak the filter
+    cap = W.MAX_SCALE_OVER_MEDIAN * 8  # the median of the live filters' scales 1, 2, 4, 8, 1000, 1000, 1000
+    assert scale[5:7].tolist() == pytest.approx([cap, cap])
+    assert float(scale[7]) == 1.0
+    assert counts == {"conv1_1": {"filters": 8, "dead": 1, "near_dead": 2, "capped": 2}}
 
 
 def test_random_is_normalised_and_only_near_dead_filters_are_capped(random_net, random_calibration):
     capped, total = assert_normalised(random_net, W.calibration_images())
     print(f"random network: {capped} of {total} filters capped ({capped / total:.1%})")
-    # Measured: 208 of 5504 (3.8%). With the old rule, a quarter, most of them not near-dead.
-    assert 0 < capped < 0.05 * total
+    # Measured: 867 of 5504 (15.8%): in a random network with zero biases, a filter whose weights
+    # sum negative is almost always off. The old rule capped 996, not all of them near-dead.
+    assert 0 < capped < 0.2 * total
 
 
-def held_out_spread(calibration, held_out) -> tuple[float, float]:
-    """(share within a factor 2 of 1, 90th percentile of |log2|) of the live filters' means on the
-    held-out images; `calibration` and `held_out` as calibration_statistics gives them."""
-    means = []
-    for (_, mean, magnitude, _), (_, held, _, _) in zip(calibration, held_out):
-        means.append(held[mean > W.DEAD_RATIO * magnitude])
-    off = torch.cat(means).clamp_min(1e-30).log2().abs()
-    return float((off < 1).double().mean()), float(off.quantile(0.9))
+def held_out_spread(calibration, held_out) -> tuple[float, float, float]:
+    """Of the filters that the calibration sets to mean 1, their means on held-out images: the share
+    within a factor 2 of 1, the 90th percentile of |log2 mean| and the median. `calibration` and
+    `held_out` as calibration_statistics gives them for the normalised network."""
+    means = torch.cat([held[(mean - 1).abs() <= 1e-3] for (_, mean, _, _), (_, held, _, _) in zip(calibration, held_out)])
+    off = means.clamp_min(1e-30).log2().abs()
+    return float((off < 1).double().mean()), float(off.quantile(0.9)), float(means.median())
 
 
 def test_per_filter_means_on_a_held_out_photo_stay_near_one(random_net, random_calibration):
@@ -355,11 +361,13 @@ def test_per_filter_means_on_a_held_out_photo_stay_near_one(random_net, random_c
 
     assert "coffee.png" in HELD_OUT and "coffee.png" not in CALIBRATION
     crops = torch.stack(W.calibration_crops(sample_path("coffee")))
-    within, p90 = held_out_spread(random_calibration, calibration_statistics(random_net, torch.cat([crops, crops.flip(-1)])))
-    print(f"held-out coffee.png: {within:.1%} of the live filters within a factor 2 of mean 1; 90% within 2^{p90:.2f}")
-    # Measured: 87% and 2^1.18. The old calibration (chelsea and the greyscale gravel, and every
-    # filter capped at 10x its layer's median) gave 52% and 2^1.97.
-    assert within >= 0.75 and p90 <= 1.6
+    held = calibration_statistics(random_net, torch.cat([crops, crops.flip(-1)]))
+    within, p90, median = held_out_spread(random_calibration, held)
+    print(f"held-out coffee.png: {within:.1%} of the filters at mean 1 on the calibration are within a factor 2 "
+          f"of 1 here; 90% within 2^{p90:.2f}; median {median:.2f}")
+    # Measured: 92.7%, 2^0.89, median 1.16. The old calibration (chelsea and the greyscale gravel,
+    # every filter capped at 10x its layer's median) gave 53%, 2^1.68, median 1.95.
+    assert within >= 0.85 and p90 <= 1.25 and abs(math.log2(median)) <= 0.4
 
 
 def test_random_is_deterministic_and_seeded(random_cache, small_calibration, monkeypatch, tmp_path):
@@ -431,7 +439,7 @@ def test_a_default_stylisation_with_a_weights_file_uses_the_normalised_network(v
     assert result.weights_label == f"{vgg_file} (normalised)"
     net = session.network(params, torch.device("cpu"))  # the network that stylize used
     capped, total = assert_normalised(net, small_calibration, upto=net.last)
-    assert capped < 0.05 * total
+    assert capped < 0.25 * total  # most filters at mean 1 exactly
     # ... and normalize_network false gives the file's own convolutions.
     plain = params.replace(normalize_network=False)
     result = stylize(sample_path("chelsea"), [sample_path("coffee")], plain, session=session)
