@@ -745,7 +745,7 @@ def time_to_loss(content: Picture, style: Picture, args, device: torch.device) -
     size, n = args.c2f_size, args.c2f_iterations
     levels = args.c2f_levels or len(StyleParams(size=size).level_sizes())
     if levels < 2:
-        levels = 2  # the automatic choice is single scale below 512 px: force two levels
+        levels = 2  # the automatic choice is single scale up to 512 px: force two levels
     variants = [("single", 1, None), ("coarse-to-fine", levels, None)]
     variants += [(f"coarse-to-fine share {s:g}", levels, s) for s in args.c2f_shares]
     default_share = params_module.FINEST_LEVEL_SHARE

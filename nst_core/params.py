@@ -44,8 +44,9 @@ WEIGHTS_NAMES = ("imagenet", "random")  # or a path to a state dict
 
 # Each optimiser's step size when `learning_rate` is left unset (pixels live in [0, 1]).
 DEFAULT_LEARNING_RATES = {"lbfgs": 1.0, "adam": 0.02}
-# The coarsest level of coarse-to-fine works at about this many pixels on the longest side.
-COARSE_BASE_SIZE = 256
+# Up to this longest side (the paper's 512 px) one pass at full size works; above it, automatic
+# coarse-to-fine starts at half the size, or a quarter, … whichever first is at most this size.
+COARSE_BASE_SIZE = 512
 # Share of the iterations that the finest level gets when there are several levels.
 FINEST_LEVEL_SHARE = 0.6  # measured: at 0.4 coarse-to-fine never reached the single-scale loss (benchmarks/README.md)
 
@@ -73,7 +74,8 @@ class StyleParams:
     style_scale: float = field(default=1.0, metadata={"help": "size of the style image relative to the content"})
     pooling: str = field(default="avg", metadata={"help": "pooling in VGG-19: avg (the paper) or max"})
     normalize_network: bool = field(
-        default=False, metadata={"help": "rescale each filter to mean activation 1 (the paper's normalised VGG)"}
+        default=True, metadata={"help": "rescale each filter to mean activation 1 over natural images (the paper's "
+                                        "normalised VGG; random weights always are)"}
     )
     optimizer: str = field(default="lbfgs", metadata={"help": "lbfgs (the paper) or adam"})
     learning_rate: float | None = field(
@@ -84,7 +86,11 @@ class StyleParams:
     preserve_color: str = field(
         default="none", metadata={"help": "none, luminance (transfer luminance only) or histogram (match style colours first)"}
     )
-    levels: int = field(default=0, metadata={"help": "coarse-to-fine levels (0: chosen from the size; 1: single scale)"})
+    levels: int = field(default=0, metadata={"help": (
+        f"coarse-to-fine levels; 0 chooses from the size: one pass up to {COARSE_BASE_SIZE} px (the paper), "
+        f"above that levels doubling from at most {COARSE_BASE_SIZE} px (e.g. {2 * COARSE_BASE_SIZE}: "
+        f"{COARSE_BASE_SIZE}, {2 * COARSE_BASE_SIZE}; {4 * COARSE_BASE_SIZE}: {COARSE_BASE_SIZE}, "
+        f"{2 * COARSE_BASE_SIZE}, {4 * COARSE_BASE_SIZE}); 1: always one pass")})
     weights: str = field(default="imagenet", metadata={"help": "imagenet, random, or a path to a VGG-19 state dict"})
     device: str = field(default="auto", metadata={"help": "auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu"})
     precision: str = field(default="float32", metadata={"help": "network precision on CUDA: float32, bfloat16 or float16"})
@@ -154,7 +160,7 @@ class StyleParams:
 
     def level_sizes(self) -> list[tuple[int, int]]:
         """(longest side, iterations) per coarse-to-fine level, coarsest first; sums to `iterations`."""
-        n = self.levels or max(1, 1 + math.floor(math.log2(max(self.size, 1) / COARSE_BASE_SIZE)))
+        n = self.levels or 1 + max(0, math.ceil(math.log2(max(self.size, 1) / COARSE_BASE_SIZE)))
         if n == 1:
             return [(self.size, self.iterations)]
         sizes = [max(16, round(self.size / 2 ** (n - 1 - i))) for i in range(n)]

@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from nst_core.params import StyleParams
+from nst_core.samples import sample_path
 
 REPO = Path(__file__).resolve().parents[1]
 RANDOM_NOTE = "made with random (untrained) VGG-19 weights"
@@ -43,14 +44,15 @@ def nst(env, *args, extra_env=None, timeout=300) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout)
 
 
+# The package's own samples, so that a fresh clone tests the command.
 @pytest.fixture(scope="module")
-def content(shared_image) -> Path:
-    return shared_image("tubingen.jpg")
+def content() -> Path:
+    return sample_path("chelsea")  # 451×300
 
 
 @pytest.fixture(scope="module")
-def style(shared_image) -> Path:
-    return shared_image("starry_night.jpg")
+def style() -> Path:
+    return sample_path("coffee")
 
 
 def assert_usage_error(proc, *needles):
@@ -90,7 +92,7 @@ def test_help_shows_the_options_scripts_rely_on_with_defaults(env):
     expected_defaults = {
         "--size": str(d.size), "--iterations": str(d.iterations), "--weights": d.weights, "--seed": str(d.seed),
         "--device": d.device, "--init": d.init, "--ratio": f"{d.ratio:g}", "--preserve-color": d.preserve_color,
-        "--save-every": "0",
+        "--save-every": "0", "--normalize-network": "True", "--levels": "0",
     }
     for option, default in expected_defaults.items():
         assert option in blocks, f"{option} missing from nst stylize --help"
@@ -100,6 +102,9 @@ def test_help_shows_the_options_scripts_rely_on_with_defaults(env):
     assert "(default: 512)" in blocks["--size"] and "(default: 0.001" in blocks["--ratio"]
     assert "relu4_2" in blocks["--content-layers"] and "relu5_1:0.2" in blocks["--style-layers"]
     assert "(default: avg)" in blocks["--pooling"] and "(default: lbfgs)" in blocks["--optimizer"]
+    assert "--no-normalize-network" in blocks
+    # what levels 0 does at each size
+    assert "one pass up to 512 px" in blocks["--levels"] and "2048: 512, 1024, 2048" in blocks["--levels"]
     # choices are shown where there are choices
     assert "imagenet|random|PATH" in blocks["--weights"]
     assert "none|luminance|histogram" in blocks["--preserve-color"]
@@ -129,7 +134,7 @@ def test_a_tiny_run_writes_the_output_and_says_random_weights(tiny_run):
     assert proc.returncode == 0, proc.stderr
     with Image.open(out) as im:
         assert im.format == "PNG"
-        assert im.size == (32, 24)  # tubingen is 4:3
+        assert im.size == (32, 21)  # chelsea is 451×300
         text = dict(im.text)
     assert RANDOM_NOTE in proc.stderr
     assert str(out) in proc.stderr
@@ -186,7 +191,7 @@ def test_save_every_writes_intermediate_images(json_run):
     assert names == ["result.png", "result_step00002.png", "result_step00004.png"]
     for name in names:
         with Image.open(out.parent / name) as im:
-            assert im.size == (32, 24)
+            assert im.size == (32, 21)
     with Image.open(out.parent / "result_step00002.png") as a, Image.open(out) as b:
         assert not np.array_equal(np.asarray(a), np.asarray(b))
 
@@ -285,7 +290,10 @@ def test_style_that_is_not_an_image(env, content, tmp_path, out_dir):
 
 
 def test_truncated_jpeg(env, content, tmp_path, out_dir):
-    data = content.read_bytes()
+    whole = tmp_path / "whole.jpg"
+    with Image.open(content) as im:
+        im.save(whole, quality=90)
+    data = whole.read_bytes()
     cut = tmp_path / "cut.jpg"
     cut.write_bytes(data[: len(data) * 6 // 10])
     proc = nst(env, "stylize", content, cut, "-o", out_dir / "o.png", *TINY)
@@ -337,6 +345,31 @@ def test_no_style_images_with_the_default_weights(env, content, out_dir):
     proc = nst(env, "stylize", content, "-o", out_dir / "o.png", *TINY)
     assert_usage_error(proc, "style")
     assert list(out_dir.iterdir()) == []
+
+
+# ---- weights ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def vgg_file(tmp_path_factory) -> Path:
+    """A VGG-19 state dict in torchvision's layout, as a user's weights file."""
+    import torch
+    from nst_core.weights import random_state_dict
+
+    path = tmp_path_factory.mktemp("weights") / "vgg19-own.pth"
+    torch.save(random_state_dict(7), path)
+    return path
+
+
+def test_no_normalize_network_uses_the_files_own_scales(env, content, style, vgg_file, tmp_path):
+    # The default normalises a weights file (calibration: see test_weights); the option turns it off.
+    out = tmp_path / "plain.png"
+    proc = nst(env, "stylize", content, style, "-o", out, "--size", "32", "--iterations", "1", "--device", "cpu",
+               "--weights", vgg_file, "--no-normalize-network")
+    assert proc.returncode == 0, proc.stderr
+    assert f"weights {vgg_file}\n" in proc.stderr  # not "(normalised)"
+    assert RANDOM_NOTE not in proc.stderr
+    with Image.open(out) as im:
+        assert json.loads(im.text["nst:params"])["normalize_network"] is False
 
 
 # ---- weights, offline -----------------------------------------------------------------------------

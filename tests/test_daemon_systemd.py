@@ -252,7 +252,7 @@ def test_the_readme_steps_under_systemd(container):
     assert c.show()["ActiveState"] == "inactive"
     assert "queued again" in c.journal()
     warnings = c.journal("-p", "warning")  # journald read the <4> prefix as the priority
-    assert "not finished within stop_timeout" in warnings and "ready:" not in warnings
+    assert "within stop_timeout" in warnings and "ready:" not in warnings
     assert c.path(f"{STUDIO}/slow/long.png").exists() and not files(c.path(f"{STUDIO}/out-slow"))
     db = sqlite3.connect(CHROOT / "var/lib/nst-daemon/journal.sqlite")
     state, attempts = db.execute("SELECT state, attempts FROM jobs WHERE in_path LIKE '%long.png'").fetchone()

@@ -32,12 +32,14 @@ def test_defaults_are_the_papers():
     assert p.style_scale == 1.0
     assert p.weights == "imagenet"  # random weights are an explicit choice, never the default
     assert p.used_layers == ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu4_2", "relu5_1")
+    # the paper's normalised network, and one pass at 512 px
+    assert p.normalize_network is True
+    assert p.level_sizes() == [(512, 500)]
 
 
-def test_default_reads_the_one_source():
+def test_every_field_has_help():
     for name in StyleParams.field_names():
-        assert StyleParams.default(name) == getattr(StyleParams(), name)
-        assert isinstance(StyleParams.help(name), str) and StyleParams.help(name)
+        assert isinstance(StyleParams.help(name), str) and len(StyleParams.help(name)) > 10, name
 
 
 def test_zero_weight_terms_are_not_used_layers():
@@ -53,7 +55,7 @@ def test_zero_weight_terms_are_not_used_layers():
 NON_DEFAULT = StyleParams(
     size=300, iterations=77, content_weight=2.5, style_weight=40.0, tv_weight=0.01,
     content_layers={"conv1_2": 0.25, "relu4_2": 0.75}, style_layers={"relu1_1": 0.5, "relu2_1": 0.5},
-    style_blend=(0.3, 0.7), style_scale=0.5, pooling="max", normalize_network=True, optimizer="adam",
+    style_blend=(0.3, 0.7), style_scale=0.5, pooling="max", normalize_network=False, optimizer="adam",
     learning_rate=0.05, init="content", seed=12345, preserve_color="histogram", levels=2,
     weights="random", device="cpu", precision="bfloat16",
 )
@@ -250,19 +252,19 @@ def test_level_sizes_sum_to_iterations(levels):
                 assert len(lv) == levels
 
 
-@pytest.mark.parametrize("size", [16, 48, 96, 200, 256, 300, 511])
-def test_one_level_at_small_sizes(size):
+@pytest.mark.parametrize("size", [16, 48, 96, 200, 256, 300, 511, 512])
+def test_one_level_up_to_the_papers_size(size):
     assert StyleParams(size=size, iterations=100).level_sizes() == [(size, 100)]
 
 
-def test_several_levels_at_1024():
-    lv = StyleParams(size=1024, iterations=500).level_sizes()
-    assert len(lv) >= 2
-    # each level doubles the previous one's side (up to rounding)
-    for (a, _), (b, _) in zip(lv, lv[1:]):
-        assert b == pytest.approx(2 * a, abs=1)
-    assert lv[0][0] <= 512
-    assert StyleParams(size=2048, iterations=500).level_sizes().__len__() > len(lv)
+@pytest.mark.parametrize("size,sides", [
+    (513, [256, 513]), (700, [350, 700]), (1024, [512, 1024]), (1025, [256, 512, 1025]),
+    (2048, [512, 1024, 2048]), (4096, [512, 1024, 2048, 4096]),
+])
+def test_coarse_to_fine_above_the_papers_size_starts_at_most_there(size, sides):
+    # Each level doubles the previous one's side (up to rounding); the first is the largest such
+    # side that is at most 512 px, where the paper's single pass works.
+    assert [s for s, _ in StyleParams(size=size, iterations=500).level_sizes()] == sides
 
 
 def test_explicit_single_level_at_1024():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import http.server
 import os
 import shutil
@@ -107,7 +108,7 @@ def assert_convs_equal(net, sd, n=None):
 # ---- files ----------------------------------------------------------------------------------------
 
 def test_explicit_path_loads_convolutions_only(vgg_file):
-    net = W.load_network(str(vgg_file))
+    net = W.load_network(str(vgg_file), normalize=False)
     sd = vgg_state(1)
     assert_convs_equal(net, sd, 16)
     keys = set(net.state_dict())
@@ -120,7 +121,7 @@ def test_explicit_path_loads_convolutions_only(vgg_file):
 
 
 def test_truncated_to_last(vgg_file):
-    net = W.load_network(str(vgg_file), last="relu2_1", pooling="max")
+    net = W.load_network(str(vgg_file), last="relu2_1", pooling="max", normalize=False)
     assert list(net.convs()) == ["conv1_1", "conv1_2", "conv2_1"]
     assert net.names[-1] == "relu2_1" and len(net.state_dict()) == 6
     assert isinstance(net.features[4], torch.nn.MaxPool2d)
@@ -131,13 +132,13 @@ def test_features_only_and_unprefixed_keys(tmp_path):
     sd = vgg_state(2, classifier=False)
     path = tmp_path / "bare.pth"
     torch.save({k.removeprefix("features."): v.half() for k, v in sd.items()}, path)
-    net = W.load_network(path, last="relu1_2")
+    net = W.load_network(path, last="relu1_2", normalize=False)
     assert torch.equal(net.state_dict()["features.2.weight"], sd["features.2.weight"].half().float())
 
 
 def test_nst_weights_environment_variable(vgg_file, monkeypatch, tmp_path):
     monkeypatch.setenv("NST_WEIGHTS", str(vgg_file))
-    net = W.load_network("imagenet", last="relu1_1")
+    net = W.load_network("imagenet", last="relu1_1", normalize=False)
     assert_convs_equal(net, vgg_state(1), 1)
     assert net.weights_label == str(vgg_file)
     monkeypatch.setenv("NST_WEIGHTS", str(tmp_path / "gone.pth"))
@@ -176,15 +177,6 @@ def test_bad_names():
 
 # ---- ImageNet: hub cache, download, offline -------------------------------------------------------
 
-def test_default_source_is_torchvisions_file():
-    from torchvision.models import VGG19_Weights
-
-    assert W.imagenet_url() == VGG19_Weights.IMAGENET1K_V1.url
-    assert W.imagenet_file_name() == (W.IMAGENET_FILE, "dcbb9e9d")
-    assert W.hub_cache_path() == Path(torch.hub.get_dir()) / "checkpoints" / "vgg19-dcbb9e9d.pth"
-    assert str(W.hub_cache_path()).startswith(os.environ["TORCH_HOME"])
-
-
 def test_hub_cache_checked_once_by_hash(vgg_file, monkeypatch, tmp_path):
     name = f"vgg19-{sha256(vgg_file)[:8]}.pth"
     monkeypatch.setenv("NST_WEIGHTS_URL", f"http://127.0.0.1:{closed_port()}/{name}")
@@ -192,7 +184,7 @@ def test_hub_cache_checked_once_by_hash(vgg_file, monkeypatch, tmp_path):
     assert cached.name == name
     cached.parent.mkdir(parents=True)
     shutil.copyfile(vgg_file, cached)
-    net = W.load_network("imagenet", last="relu1_2")
+    net = W.load_network("imagenet", last="relu1_2", normalize=False)
     assert net.weights_label == f"imagenet ({name})" and not net.is_random
     assert_convs_equal(net, vgg_state(1), 2)
     # The hash is remembered by (path, size, mtime): same size and mtime → not hashed again ...
@@ -202,7 +194,7 @@ def test_hub_cache_checked_once_by_hash(vgg_file, monkeypatch, tmp_path):
     shutil.copyfile(other, cached)
     assert cached.stat().st_size == st.st_size
     os.utime(cached, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert_convs_equal(W.load_network("imagenet", last="relu1_1"), vgg_state(4), 1)
+    assert_convs_equal(W.load_network("imagenet", last="relu1_1", normalize=False), vgg_state(4), 1)
     # ... a new mtime → hashed again, and the mismatch is found.
     os.utime(cached, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     with pytest.raises(WeightsError, match=f"{name}: SHA-256 .* does not start with {name[6:14]}"):
@@ -223,7 +215,8 @@ def test_download_lands_in_hub_cache(vgg_file, http_dir, monkeypatch, capsys):
     shutil.copyfile(vgg_file, root / name)
     monkeypatch.setenv("NST_WEIGHTS_URL", f"{base}/{name}")
     calls = []
-    net = W.load_network("imagenet", last="relu1_1", progress=lambda done, total: calls.append((done, total)))
+    net = W.load_network("imagenet", last="relu1_1", normalize=False,
+                         progress=lambda done, total: calls.append((done, total)))
     cached = Path(os.environ["TORCH_HOME"]) / "hub" / "checkpoints" / name
     assert cached.read_bytes() == vgg_file.read_bytes()
     assert calls[-1] == (vgg_file.stat().st_size,) * 2
@@ -231,7 +224,7 @@ def test_download_lands_in_hub_cache(vgg_file, http_dir, monkeypatch, capsys):
     assert [p.name for p in cached.parent.iterdir()] == [name]
     # progress=True draws a bar on stderr
     cached.unlink()
-    W.load_network("imagenet", last="relu1_1", progress=True)
+    W.load_network("imagenet", last="relu1_1", normalize=False, progress=True)
     err = capsys.readouterr().err
     assert f"Downloading {name}" in err and "(100%)" in err
 
@@ -273,40 +266,111 @@ def test_url_without_hash_is_refused(monkeypatch):
 
 # ---- random and normalised ------------------------------------------------------------------------
 
-def relu_and_conv_means(net, images, upto="relu5_4"):
+@pytest.fixture
+def small_calibration(monkeypatch) -> torch.Tensor:
+    """The calibration images cut to their top-left 64×64 corners, for the tests of the mechanics
+    (cache keys, seeds, pooling, defaults), which the real set would only make slower."""
+    images = W.calibration_images()[..., :64, :64].clone()
+    monkeypatch.setattr(W, "calibration_images", lambda: images)
+    return images
+
+
+def calibration_statistics(net, images, upto="relu5_4"):
+    """Per ReLU layer, by plain forward passes of `net`: (name, mean output, mean |pre-activation|,
+    share of active positions) of each filter over `images`."""
     layers = [n for n in FEATURE_LAYERS if FEATURE_LAYERS.index(n) <= FEATURE_LAYERS.index(upto)]
+    relus = [n for n in layers if n.startswith("relu")]
+    sums = {n: torch.zeros(3, net.convs()["conv" + n[4:]].out_channels, dtype=torch.float64) for n in relus}
+    positions = dict.fromkeys(relus, 0)
     with torch.no_grad():
-        out = net(images, layers)
-    for relu in (n for n in layers if n.startswith("relu")):
-        conv = "conv" + relu[4:]
-        yield relu, out[relu].mean(dim=(0, 2, 3)), out[conv].abs().mean(dim=(0, 2, 3))
+        for part in images.split(4):
+            out = net(part, layers)
+            for relu in relus:
+                x, c = out[relu].double(), out["conv" + relu[4:]].double()
+                sums[relu] += torch.stack([x.sum((0, 2, 3)), c.abs().sum((0, 2, 3)), (x > 0).double().sum((0, 2, 3))])
+                positions[relu] += x.shape[0] * x.shape[2] * x.shape[3]
+    return [(relu, *(sums[relu] / positions[relu])) for relu in relus]
 
 
-def assert_normalised(net, upto="relu5_4"):
-    """Every live filter has mean activation 1, except the rare ones whose scale was capped (mean < 1)."""
-    exact = total = 0
-    for relu, mean, magnitude in relu_and_conv_means(net, W.calibration_images(), upto):
+def assert_normalised(net, images, upto="relu5_4") -> tuple[int, int]:
+    """Every live filter has mean activation 1 over `images`, except near-dead ones (mean output
+    below NEAR_DEAD_RATIO of the mean |pre-activation|, or active at under NEAR_DEAD_RATE of the
+    positions), whose scale may be capped (mean < 1). Returns (capped, filters)."""
+    capped_total = total = 0
+    for relu, mean, magnitude, active in calibration_statistics(net, images, upto):
         dead = mean <= W.DEAD_RATIO * magnitude
-        assert (mean[dead] <= 1e-4 * magnitude[dead]).all()
-        live = mean[~dead]
-        capped = live < 1 - 1e-3
-        assert torch.allclose(live[~capped], torch.ones(()), atol=1e-3), relu
-        exact += int((~capped).sum())
+        capped = ~dead & (mean < 1 - 1e-3)
+        assert torch.allclose(mean[~dead & ~capped], torch.ones((), dtype=mean.dtype), atol=1e-3), relu
+        near_dead = (mean < W.NEAR_DEAD_RATIO * magnitude) | (active < W.NEAR_DEAD_RATE)  # both scale-free
+        assert near_dead[capped].all(), f"{relu}: {int((capped & ~near_dead).sum())} filters capped that are not near-dead"
+        capped_total += int(capped.sum())
         total += mean.numel()
-    assert exact > 0.7 * total  # measured: 78% of the random network's filters exactly 1, the rest capped or dead
+    return capped_total, total
 
 
-def test_scales_are_capped_at_ten_times_the_layer_median():
-    scales = W.compute_scales(W.random_state_dict(0), "avg", W.calibration_images())
-    capped_layers = 0
-    for name, s in scales.items():
-        cap = W.MAX_SCALE_OVER_MEDIAN * s[s != 1].median()
-        assert float(s.max()) <= float(cap) * (1 + 1e-6), name
-        capped_layers += int(bool((s >= cap * (1 - 1e-6)).any()))
-    assert capped_layers > 0  # the random network has rarely firing filters: the cap is exercised
+@pytest.fixture(scope="module")
+def random_net(random_cache):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NST_CACHE_DIR", str(random_cache))
+        yield W.load_network("random", normalize=False)  # random weights are always normalised
 
 
-def test_random_is_deterministic_and_seeded(random_cache, monkeypatch, tmp_path):
+@pytest.fixture(scope="module")
+def random_calibration(random_net):
+    return calibration_statistics(random_net, W.calibration_images())
+
+
+def test_the_rule_caps_only_near_dead_filters():
+    # One layer: four ordinary filters, a weak one (low mean, but a fifth of its response is
+    # positive, at half the positions), two near-dead ones with the same low mean, one rarely on
+    # (0.5% of the positions) and one barely on (0.1% of its response), and a dead one.
+    mean = torch.tensor([1, 0.5, 0.25, 0.125, 1e-3, 1e-3, 1e-3, 0], dtype=torch.float64)
+    magnitude = torch.tensor([2, 1, 0.5, 0.25, 5e-3, 5e-3, 1, 1], dtype=torch.float64)
+    active = torch.tensor([0.5, 0.5, 0.5, 0.5, 0.5, 0.005, 0.3, 0], dtype=torch.float64)
+    counts = {}
+    stats = {"conv1_1": {"mean": mean, "magnitude": magnitude, "active": active}}
+    scale = W.scales_from_statistics(stats, counts)["conv1_1"].double()
+    assert torch.allclose(scale[:5], 1 / mean[:5])  # mean 1 exactly, however weak the filter
+    cap = W.MAX_SCALE_OVER_MEDIAN * 8  # the median of the live filters' scales 1, 2, 4, 8, 1000, 1000, 1000
+    assert scale[5:7].tolist() == pytest.approx([cap, cap])
+    assert float(scale[7]) == 1.0
+    assert counts == {"conv1_1": {"filters": 8, "dead": 1, "near_dead": 2, "capped": 2}}
+
+
+def test_random_is_normalised_and_only_near_dead_filters_are_capped(random_net, random_calibration):
+    capped, total = assert_normalised(random_net, W.calibration_images())
+    print(f"random network: {capped} of {total} filters capped ({capped / total:.1%})")
+    # Measured: 867 of 5504 (15.8%): in a random network with zero biases, a filter whose weights
+    # sum negative is almost always off. The old rule capped 996, not all of them near-dead.
+    assert 0 < capped < 0.2 * total
+
+
+def held_out_spread(calibration, held_out) -> tuple[float, float, float]:
+    """Of the filters that the calibration sets to mean 1, their means on held-out images: the share
+    within a factor 2 of 1, the 90th percentile of |log2 mean| and the median. `calibration` and
+    `held_out` as calibration_statistics gives them for the normalised network."""
+    means = torch.cat([held[(mean - 1).abs() <= 1e-3] for (_, mean, _, _), (_, held, _, _) in zip(calibration, held_out)])
+    off = means.clamp_min(1e-30).log2().abs()
+    return float((off < 1).double().mean()), float(off.quantile(0.9)), float(means.median())
+
+
+def test_per_filter_means_on_a_held_out_photo_stay_near_one(random_net, random_calibration):
+    """coffee.png is held out of the calibration: its per-filter means show how well the calibration
+    carries over to images it has not seen."""
+    from nst_core.samples import CALIBRATION, HELD_OUT, sample_path
+
+    assert "coffee.png" in HELD_OUT and "coffee.png" not in CALIBRATION
+    crops = torch.stack(W.calibration_crops(sample_path("coffee")))
+    held = calibration_statistics(random_net, torch.cat([crops, crops.flip(-1)]))
+    within, p90, median = held_out_spread(random_calibration, held)
+    print(f"held-out coffee.png: {within:.1%} of the filters at mean 1 on the calibration are within a factor 2 "
+          f"of 1 here; 90% within 2^{p90:.2f}; median {median:.2f}")
+    # Measured: 92.7%, 2^0.89, median 1.16. The old calibration (chelsea and the greyscale gravel,
+    # every filter capped at 10x its layer's median) gave 53%, 2^1.68, median 1.95.
+    assert within >= 0.85 and p90 <= 1.25 and abs(math.log2(median)) <= 0.4
+
+
+def test_random_is_deterministic_and_seeded(random_cache, small_calibration, monkeypatch, tmp_path):
     assert torch.equal(W.random_state_dict(0)["features.34.weight"], W.random_state_dict(0)["features.34.weight"])
     monkeypatch.setenv("NST_CACHE_DIR", str(random_cache))
     a = W.load_network("random")
@@ -321,11 +385,6 @@ def test_random_is_deterministic_and_seeded(random_cache, monkeypatch, tmp_path)
     assert not torch.equal(c.state_dict()["features.0.weight"], a.state_dict()["features.0.weight"])
 
 
-def test_random_is_normalised(random_cache, monkeypatch):
-    monkeypatch.setenv("NST_CACHE_DIR", str(random_cache))
-    assert_normalised(W.load_network("random", normalize=False))  # random is always normalised
-
-
 def test_scales_do_not_depend_on_last(random_cache, monkeypatch):
     monkeypatch.setenv("NST_CACHE_DIR", str(random_cache))
     full = W.load_network("random").state_dict()
@@ -333,11 +392,11 @@ def test_scales_do_not_depend_on_last(random_cache, monkeypatch):
     assert len(short) == 6 and all(torch.equal(v, full[k]) for k, v in short.items())
 
 
-def test_calibration_depends_on_pooling(random_cache, monkeypatch):
+def test_calibration_depends_on_pooling(random_cache, small_calibration, monkeypatch):
     monkeypatch.setenv("NST_CACHE_DIR", str(random_cache))
     avg = W.load_network("random").state_dict()
     net = W.load_network("random", pooling="max")
-    assert_normalised(net, upto="relu1_2")
+    assert_normalised(net, small_calibration, upto="relu2_1")
     mx = net.state_dict()
     assert torch.equal(avg["features.0.weight"], mx["features.0.weight"])  # before any pooling
     assert not torch.allclose(avg["features.5.weight"], mx["features.5.weight"])
@@ -345,11 +404,11 @@ def test_calibration_depends_on_pooling(random_cache, monkeypatch):
     assert {p.name.rsplit("-", 3)[1] for p in (random_cache / "scales").glob("random-0-*")} == {"avg", "max"}
 
 
-def test_normalised_file_keeps_features_up_to_channel_scale_and_caches_scales(vgg_file):
-    plain = W.load_network(str(vgg_file))
+def test_normalised_file_keeps_features_up_to_channel_scale_and_caches_scales(vgg_file, small_calibration):
+    plain = W.load_network(str(vgg_file), normalize=False)
     net = W.load_network(str(vgg_file), normalize=True)
     assert net.weights_label == f"{vgg_file} (normalised)" and net.normalized and not net.is_random
-    assert_normalised(net, upto="relu1_2")
+    assert_normalised(net, small_calibration, upto="relu2_1")
     # The same features as the plain network, each channel multiplied by its filter's scale.
     image = torch.rand(1, 3, 48, 40, generator=torch.Generator().manual_seed(5))
     layers = ["relu1_1", "relu3_2", "relu5_4"]
@@ -370,7 +429,25 @@ def test_normalised_file_keeps_features_up_to_channel_scale_and_caches_scales(vg
     assert torch.allclose(doubled.state_dict()["features.0.weight"], net.state_dict()["features.0.weight"] * 2)
 
 
-def test_scales_cached_by_another_method_are_not_reused(monkeypatch, tmp_path):
+def test_a_default_stylisation_with_a_weights_file_uses_the_normalised_network(vgg_file, small_calibration):
+    from nst_core import Session, StyleParams, stylize
+    from nst_core.samples import sample_path
+
+    session = Session()
+    params = StyleParams(weights=str(vgg_file), device="cpu", size=32, iterations=1)  # else the defaults
+    result = stylize(sample_path("chelsea"), [sample_path("coffee")], params, session=session)
+    assert result.weights_label == f"{vgg_file} (normalised)"
+    net = session.network(params, torch.device("cpu"))  # the network that stylize used
+    capped, total = assert_normalised(net, small_calibration, upto=net.last)
+    assert capped < 0.25 * total  # most filters at mean 1 exactly
+    # ... and normalize_network false gives the file's own convolutions.
+    plain = params.replace(normalize_network=False)
+    result = stylize(sample_path("chelsea"), [sample_path("coffee")], plain, session=session)
+    assert result.weights_label == str(vgg_file)
+    assert_convs_equal(session.network(plain, torch.device("cpu")), vgg_state(1))
+
+
+def test_scales_cached_by_another_method_are_not_reused(monkeypatch, tmp_path, small_calibration):
     """Scales written before a change of calibration method must not be read back after it."""
     monkeypatch.setenv("NST_CACHE_DIR", str(tmp_path))
     W.load_network("random")

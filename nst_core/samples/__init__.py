@@ -11,6 +11,11 @@ SAMPLES_DIR = Path(__file__).resolve().parent
 # Roles the demo asks for, and the files that play them.
 SAMPLES = {"content": "chelsea.png", "style": "gravel.png"}
 
+# The natural colour photographs that calibrate the normalised network (`nst_core.weights`).
+# coffee.png is held out on purpose: tests and benchmarks measure the calibration on it.
+CALIBRATION = ("astronaut.png", "chelsea.png", "hubble_deep_field.png", "retina.png", "rocket.png")
+HELD_OUT = ("coffee.png",)
+
 
 def sample_path(name: str) -> Path:
     """The path of a sample: a role ("content", "style"), a file name, or a file name's stem."""
