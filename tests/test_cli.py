@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from nst_core.images import fit
 from nst_core.params import StyleParams
 from nst_core.samples import sample_path
 
@@ -240,9 +241,11 @@ def test_output_names_up_to_the_limit_are_written(env, content, style, tmp_path)
     step = out.with_name(out.stem + "_step00002.png")
     assert len(step.name.encode()) == 255
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, step.name])
+    with Image.open(content) as im:
+        h, w = fit(im.height, im.width, 32)
     for path in (out, step):
         with Image.open(path) as im:
-            assert im.size == (32, 24)
+            assert im.size == (w, h)
 
 
 # ---- alpha ---------------------------------------------------------------------------------------
