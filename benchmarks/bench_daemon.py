@@ -31,6 +31,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from nst_core.runtime import prepare_process  # noqa: E402
+
+prepare_process()  # before torch loads, as the entry points do
+
 from daemon.config import load_config  # noqa: E402
 from daemon.main import Daemon  # noqa: E402
 

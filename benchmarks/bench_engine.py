@@ -52,7 +52,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import nst_core  # noqa: E402,F401  (first: it sets OMP_WAIT_POLICY before torch loads, as in the product)
+from nst_core.runtime import prepare_process  # noqa: E402
+
+prepare_process()  # before torch loads, as the entry points do
+
 import torch  # noqa: E402
 
 from nst_core import params as params_module  # noqa: E402

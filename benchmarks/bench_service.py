@@ -34,6 +34,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from nst_core.runtime import prepare_process  # noqa: E402
+
+prepare_process()  # before torch loads, as the entry points do
+
 import torch  # noqa: E402
 
 from nst_core import Session, StyleParams, stylize  # noqa: E402
@@ -82,7 +86,7 @@ def via_service(client: nc.ServiceClient, content, style, params: dict, preview:
     def on_progress(e):
         marks.setdefault("progress", time.perf_counter() - t0)
 
-    out = client.stylize(content, [style], params, priority="interactive", on_progress=on_progress,
+    out = client.run_job(content, [style], params, priority="interactive", on_progress=on_progress,
                          on_status=on_status, preview=preview)
     wall = time.perf_counter() - t0
     return {"wall": wall, "engine": out.info["elapsed"], "overhead": wall - out.info["elapsed"],

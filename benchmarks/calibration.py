@@ -29,9 +29,13 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import nst_core  # noqa: E402,F401  (first: OMP_WAIT_POLICY before torch loads)
+from nst_core.runtime import prepare_process  # noqa: E402
+
+prepare_process()  # before torch loads, as the entry points do
+
 import torch  # noqa: E402
 
+import nst_core  # noqa: E402
 from nst_core import devices  # noqa: E402
 from nst_core import weights as W  # noqa: E402
 from nst_core.errors import NSTError  # noqa: E402

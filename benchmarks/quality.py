@@ -28,7 +28,10 @@ for extra in (REPO, REPO / "scripts"):
     if str(extra) not in sys.path:
         sys.path.insert(0, str(extra))
 
-import nst_core  # noqa: E402  (first: OMP_WAIT_POLICY before torch loads)
+from nst_core.runtime import prepare_process  # noqa: E402
+
+prepare_process()  # before torch loads, as the entry points do
+
 import torch  # noqa: E402
 
 from contact_sheet import contact_sheet  # noqa: E402

@@ -1,8 +1,9 @@
 """The daemon's rule file: strict YAML validation; every error names the file, the line and the key.
 
-The YAML is composed to nodes first (not loaded to plain data), so that each value keeps its
-position. Engine parameters are validated by `StyleParams.from_mapping`, the one source of their
-names and defaults; this module holds only the daemon's own settings.
+The YAML is read as nodes with positions (`yamlnodes`). Engine parameters are validated by
+`StyleParams.from_mapping`, the one source of their names and defaults; this module holds only
+the daemon's own settings and rule keys: their defaults, and for a rule's simple keys a table
+(`RULE_FIELDS`) of how each is read and checked. What it builds is in `rules`.
 
 Relative paths in the file are relative to the folder that holds the file (so a config and its
 folders can move together, and the service does not depend on its working directory); ~ and
@@ -11,23 +12,22 @@ $VAR/${VAR} are expanded, and an unset variable is an error.
 
 from __future__ import annotations
 
-import datetime as _dt
-import errno
-import fnmatch
 import hashlib
 import json
 import math
 import os
 import re
-import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable
 
 import yaml
 
 from nst_core.errors import NSTError, ParamError
 from nst_core.params import StyleParams
+
+from .rules import Config, Rule, Settings, check_template, folder_under, output_suffix, save_formats
+from .yamlnodes import BAD, ConfigError, NodeReader, Problem, access_problem, describe_node, show_value
 
 # ---- the daemon's own keys, their defaults and meanings -----------------------------------------
 
@@ -63,248 +63,57 @@ RULE_DEFAULTS: dict[str, Any] = {
     "min_input_side": 16,  # smaller inputs fail: upscaling a 1×1 image would invent every pixel
     "params": {},
 }
-REQUIRED_RULE_KEYS = ("name", "watch", "style", "output")
+REQUIRED_RULE_KEYS = ("rule", "watch", "style", "output")
 RULE_KEYS = ("rule", "watch", "include", "exclude", "recursive", "style", "params", "output", "name",
              "on_collision", "keep_inputs", "processed", "failed", "poll", "create", "min_input_side")
 COLLISIONS = ("overwrite", "number", "skip")
 TOP_KEYS = ("settings", "defaults", "rules")
-TEMPLATE_FIELDS = ("stem", "rule", "style", "ext", "date", "time")
 _RULE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
-# Bounds on the file itself, checked on the YAML event stream before anything is built from it,
-# so that no file (a 900-deep list, a "billion laughs" alias bomb) can exhaust the stack or the
-# memory of a running daemon at reload. A real rule file is a few kB, 5 levels deep.
-MAX_FILE_BYTES = 1 << 20
-MAX_DEPTH = 32
-MAX_VALUES = 100_000  # scalars and collections, counting each alias as everything it stands for
-
-# ---- errors ---------------------------------------------------------------------------------------
-
+# ---- the optional keys of a rule: how each is read and checked ------------------------------------
 
 @dataclass(frozen=True)
-class Problem:
-    file: str
-    line: int | None  # 1-based
-    column: int | None
-    key: str
-    message: str
+class _Field:
+    """kind: str, bool, int, "strings" (a string or a list of strings) or object (any YAML value);
+    check(value): why the value is wrong, or None; convert(loader, value, node, key): the value as
+    kept (None: a problem it noted); empty: "strings" may be an empty list."""
 
-    def __str__(self) -> str:
-        where = self.file if self.line is None else f"{self.file}:{self.line}:{self.column}"
-        return f"{where}: {self.key}: {self.message}" if self.key else f"{where}: {self.message}"
-
-
-class ConfigError(NSTError):
-    """The rule file is invalid; `problems` lists every error found (file, line, key, message)."""
-
-    kind = "config"
-
-    def __init__(self, problems: list[Problem]):
-        super().__init__("\n".join(str(p) for p in problems))
-        self.problems = problems
-
-    def to_mapping(self) -> dict:
-        return {**super().to_mapping(), "problems": [p.__dict__ for p in self.problems]}
+    kind: Any
+    check: Callable[[Any], str | None] | None = None
+    convert: Callable[[Any, Any, Any, str], Any] | None = None
+    empty: bool = False
 
 
-# ---- the validated configuration -----------------------------------------------------------------
+def _one_of(choices: tuple[str, ...]) -> Callable[[Any], str | None]:
+    return lambda x: None if x in choices else f"must be one of {', '.join(choices)}, got {x!r}"
 
 
-@dataclass(frozen=True)
-class Settings:
-    devices: tuple[str, ...]
-    journal: Path | None
-    socket: Path | None | str  # a path, None (no socket) or "default"
-    socket_group: str | None
-    log_level: str
-    scan_interval: float
-    settle: float
-    poll_interval: float
-    reload_on_change: bool
-    max_attempts: int
-    stop_timeout: float
-    stall_timeout: float
-    incomplete_timeout: float
-
-    def journal_path(self, env=None) -> Path:
-        """The journal file: as configured, else under systemd's StateDirectory, else XDG state."""
-        env = os.environ if env is None else env
-        if self.journal is not None:
-            return self.journal
-        if env.get("STATE_DIRECTORY"):
-            return Path(env["STATE_DIRECTORY"].split(":")[0]) / "journal.sqlite"
-        base = Path(env.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
-        return base / "nst-daemon" / "journal.sqlite"
-
-    def socket_path(self, env=None) -> Path | None:
-        """The job service socket, or None when disabled."""
-        env = os.environ if env is None else env
-        if self.socket is None or isinstance(self.socket, Path):
-            return self.socket
-        if env.get("RUNTIME_DIRECTORY"):
-            return Path(env["RUNTIME_DIRECTORY"].split(":")[0]) / "nst.sock"
-        from nst_core.service.client import user_socket_path
-
-        return Path(user_socket_path())
+def _between(lo: int, hi: int) -> Callable[[Any], str | None]:
+    return lambda x: None if lo <= x <= hi else f"must be between {lo} and {hi}, got {x}"
 
 
-@dataclass(frozen=True)
-class Rule:
-    name: str
-    watch: tuple[Path, ...]
-    include: tuple[str, ...]
-    exclude: tuple[str, ...]
-    recursive: bool
-    styles: tuple[Path, ...]
-    params: StyleParams
-    output: Path
-    template: str
-    on_collision: str
-    keep_inputs: bool
-    processed: str
-    failed: str
-    poll: str  # "auto", "always", "never"
-    create: bool
-    min_input_side: int
-    version: str  # changes whenever anything that shapes the output pixels changes
-    line: int | None = None
-
-    def processed_dir(self, root: Path) -> Path:
-        return _under(root, self.processed)
-
-    def failed_dir(self, root: Path) -> Path:
-        return _under(root, self.failed)
-
-    def skipped_dirs(self, root: Path) -> set[Path]:
-        return {self.processed_dir(root), self.failed_dir(root), self.output}
-
-    def accepts(self, root: Path, path: Path) -> bool:
-        """Whether a file at `path` (under the watched folder `root`) is one this rule takes."""
-        try:
-            rel = path.relative_to(root)
-        except ValueError:
-            return False
-        parts = rel.parts
-        if not parts or (len(parts) > 1 and not self.recursive):
-            return False
-        if any(is_ignored_name(p) for p in parts):
-            return False
-        if len(parts) > 1:
-            skipped = self.skipped_dirs(root)
-            d = root
-            for p in parts[:-1]:
-                d = d / p
-                if d in skipped:
-                    return False
-        rel_s = "/".join(parts).lower()
-        name = parts[-1].lower()
-
-        def match(pattern: str) -> bool:
-            pattern = pattern.lower()
-            return fnmatch.fnmatchcase(rel_s if "/" in pattern else name, pattern)
-
-        return any(match(p) for p in self.include) and not any(match(p) for p in self.exclude)
-
-    def output_name(self, source: Path, when: _dt.datetime | None = None) -> str:
-        return render_template(self.template, source, self.name, self.styles, when)
-
-    def describe_params(self) -> str:
-        p = self.params
-        changed = {k: v for k, v in p.to_mapping().items() if v != StyleParams.default(k)}
-        shown = ", ".join(f"{k}={_short(v)}" for k, v in changed.items()) or "all engine defaults"
-        return f"{shown}  (ratio alpha/beta={p.ratio:g}, {p.iterations} iterations at {p.size}px)"
+def _folder_name(x: str) -> str | None:
+    return None if x.strip() and ".." not in Path(x).parts else \
+        "must be a folder name (relative to each watched folder) or an absolute path"
 
 
-@dataclass(frozen=True)
-class Config:
-    path: Path
-    settings: Settings
-    rules: tuple[Rule, ...]
-    defaults: dict = field(default_factory=dict)
-
-    def rule(self, name: str) -> Rule | None:
-        return next((r for r in self.rules if r.name == name), None)
-
-    def owner(self, path: Path) -> tuple[Rule, Path] | None:
-        """The rule and watched folder that a file belongs to, if any (folders never overlap)."""
-        for rule in self.rules:
-            for root in rule.watch:
-                if rule.accepts(root, path):
-                    return rule, root
-        return None
+def _poll(x) -> str | None:
+    return None if x is True or x is False or x == "auto" else f"must be auto, true or false, got {show_value(x)}"
 
 
-# ---- names ---------------------------------------------------------------------------------------
-
-_IGNORED = (".*", "*.part", "*.crdownload", "*.tmp", "~$*")
-
-
-def is_ignored_name(name: str) -> bool:
-    """Hidden and temporary names, which are left alone until renamed."""
-    low = name.lower()
-    return any(fnmatch.fnmatchcase(low, p) for p in _IGNORED)
-
-
-class _When:
-    """A date/time placeholder: ``{date}`` → 2024-05-31, ``{time}`` → 142501, ``{date:%Y%m}`` → strftime."""
-
-    def __init__(self, when: _dt.datetime, default: str):
-        self.when, self.default = when, default
-
-    def __format__(self, spec: str) -> str:
-        return self.when.strftime(spec or self.default)
-
-
-def render_template(template: str, source: Path, rule: str, styles: Iterable[Path],
-                    when: _dt.datetime | None = None) -> str:
-    when = when or _dt.datetime.now()
-    style = "+".join(Path(s).stem for s in styles) or "none"
-    return template.format(
-        stem=source.stem, ext=source.suffix, rule=rule, style=style,
-        date=_When(when, "%Y-%m-%d"), time=_When(when, "%H%M%S"),
-    )
-
-
-def check_template(template: str) -> str | None:
-    """None if the output name template is usable, else why not."""
-    if not template.strip():
-        return "must not be empty"
-    try:
-        parsed = list(string.Formatter().parse(template))
-    except ValueError as e:
-        return f"bad template ({e}); placeholders are {', '.join('{%s}' % f for f in TEMPLATE_FIELDS)}"
-    for _, fname, _, conv in parsed:
-        if fname is None:
-            continue
-        if fname not in TEMPLATE_FIELDS:
-            return (f"unknown placeholder {{{fname}}}; use "
-                    f"{', '.join('{%s}' % f for f in TEMPLATE_FIELDS)} (date/time take strftime codes: {{date:%Y%m%d}})")
-        if conv:
-            return f"conversions such as !{conv} are not supported"
-    try:
-        sample = render_template(template, Path("photo.jpg"), "rule", [Path("style.png")])
-    except (ValueError, TypeError) as e:
-        return f"cannot format a name ({e})"
-    p = Path(sample)
-    if p.is_absolute() or ".." in p.parts or any(is_ignored_name(x) for x in p.parts):
-        return f"must give a relative name without '..' or hidden/temporary parts (example: {sample!r})"
-    if output_suffix(template) is not None and output_suffix(template) not in _save_formats():
-        return (f"the name must end in an image extension that can be written ({', '.join(sorted(_save_formats()))}),"
-                f" or in {{ext}} (example: {sample!r})")
-    return None
-
-
-def output_suffix(template: str) -> str | None:
-    """The extension every output name gets, or None where it is the input's ({ext})."""
-    a, b = (Path(render_template(template, Path("photo" + e), "rule", [Path("style.png")])).suffix.lower()
-            for e in (".jpg", ".png"))
-    return a if a == b else None
-
-
-def _save_formats() -> dict:
-    from nst_core.images import SAVE_FORMATS  # the one list of writable formats, also used by save_image
-
-    return SAVE_FORMATS
+RULE_FIELDS: dict[str, _Field] = {  # read in this order; their defaults are RULE_DEFAULTS
+    "include": _Field("strings"),
+    "exclude": _Field("strings", empty=True),
+    "recursive": _Field(bool),
+    "keep_inputs": _Field(bool),
+    "create": _Field(bool),
+    "name": _Field(str, check_template),
+    "on_collision": _Field(str, _one_of(COLLISIONS)),
+    "processed": _Field(str, _folder_name, lambda loader, x, node, key: loader.expand(x, node, key)),
+    "failed": _Field(str, _folder_name, lambda loader, x, node, key: loader.expand(x, node, key)),
+    "min_input_side": _Field(int, _between(1, 16384)),
+    "poll": _Field(object, _poll, lambda loader, x, node, key: {True: "always", False: "never"}.get(x, "auto")),
+}
 
 
 # ---- loading -------------------------------------------------------------------------------------
@@ -316,21 +125,12 @@ def load_config(path, *, check_styles: bool = True) -> Config:
     return _Loader(path, check_styles).load()
 
 
-class _Loader:
+class _Loader(NodeReader):
     def __init__(self, path: Path, check_styles: bool):
-        self.path = path
-        self.base = path.parent
+        super().__init__(path)
         self.check_styles = check_styles
-        self.problems: list[Problem] = []
         self.watch_nodes: dict = {}
         self.folder_nodes: dict = {}  # (rule name, "processed"/"failed") → value node
-
-    # -- problems --
-    def problem(self, node, key: str, message: str) -> None:
-        mark = getattr(node, "start_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        col = mark.column + 1 if mark is not None else None
-        self.problems.append(Problem(str(self.path), line, col, key, message))
 
     def load(self) -> Config:
         try:
@@ -339,81 +139,8 @@ class _Loader:
             raise ConfigError([Problem(str(self.path), None, None, "", f"too large or too deeply nested to read "
                                        f"({type(e).__name__})")]) from None
 
-    def read(self) -> str:
-        try:
-            with open(self.path, "rb") as f:
-                data = f.read(MAX_FILE_BYTES + 1)
-        except FileNotFoundError:
-            raise ConfigError([Problem(str(self.path), None, None, "", "no such file")]) from None
-        except OSError as e:
-            raise ConfigError([Problem(str(self.path), None, None, "", f"cannot read ({e.strerror or e})")]) from None
-        if len(data) > MAX_FILE_BYTES:
-            raise ConfigError([Problem(str(self.path), None, None, "", f"larger than {MAX_FILE_BYTES // 1024} kB; "
-                                       "a rule file is a few kB (is this the right file?)")])
-        try:
-            return data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            line = data[:e.start].count(b"\n") + 1
-            raise ConfigError([Problem(str(self.path), line, None, "", f"not UTF-8 text ({e.reason})")]) from None
-
-    def bounds(self, text: str) -> None:
-        """Refuse, from the event stream alone, nesting deeper than MAX_DEPTH and aliases that
-        expand to more than MAX_VALUES values (PyYAML's parser is iterative; its composer and
-        constructor recurse, and anything that walks an alias bomb's structure is exponential)."""
-        open_: list[list] = []  # per open collection: [values inside so far, its anchor]
-        sizes: dict[str, int] = {}  # anchor → how many values it stands for
-        total = 0
-
-        def fail(event, message):
-            mark = event.start_mark
-            raise ConfigError([Problem(str(self.path), mark.line + 1, mark.column + 1, "", message)])
-
-        for event in yaml.parse(text, Loader=yaml.SafeLoader):
-            if isinstance(event, yaml.CollectionStartEvent):
-                if len(open_) >= MAX_DEPTH:
-                    fail(event, f"nested more than {MAX_DEPTH} levels deep; a rule file needs about 5")
-                open_.append([1, event.anchor])
-                n = 1
-            elif isinstance(event, yaml.CollectionEndEvent):
-                size, anchor = open_.pop()
-                if anchor is not None:
-                    sizes[anchor] = size
-                if open_:
-                    open_[-1][0] += size
-                continue
-            elif isinstance(event, yaml.ScalarEvent):
-                n = 1
-                if event.anchor is not None:
-                    sizes[event.anchor] = 1
-            elif isinstance(event, yaml.AliasEvent):
-                if any(a == event.anchor for _, a in open_):
-                    fail(event, f"the alias *{event.anchor} is inside the value it names (a recursive structure)")
-                n = sizes.get(event.anchor, 1)  # an undefined alias is the composer's error
-            else:
-                continue
-            total += n
-            if total > MAX_VALUES:
-                fail(event, f"holds more than {MAX_VALUES:,} values once its aliases are expanded"
-                            + (f" (*{event.anchor} alone stands for {n:,})" if isinstance(event, yaml.AliasEvent) else ""))
-            if open_ and not isinstance(event, yaml.CollectionStartEvent):
-                open_[-1][0] += n
-
     def _load(self) -> Config:
-        text = self.read()
-        try:
-            self.bounds(text)
-            docs = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
-        except yaml.MarkedYAMLError as e:
-            mark = e.problem_mark or e.context_mark
-            msg = " ".join(x for x in (e.context, e.problem) if x) or str(e)
-            raise ConfigError([Problem(str(self.path), mark.line + 1 if mark else None,
-                                       mark.column + 1 if mark else None, "", f"YAML syntax: {msg}")]) from None
-        except yaml.YAMLError as e:
-            raise ConfigError([Problem(str(self.path), None, None, "", f"YAML: {e}")]) from None
-        if len(docs) != 1 or docs[0] is None:
-            raise ConfigError([Problem(str(self.path), 1, 1, "", "must hold exactly one YAML document "
-                                       "with 'rules' (and optionally 'settings' and 'defaults')")])
-        root = docs[0]
+        root = self.compose()
         top = self.mapping(root, "", TOP_KEYS)
         if top is None:
             raise ConfigError(self.problems)
@@ -423,104 +150,6 @@ class _Loader:
         if self.problems:
             raise ConfigError(self.problems)
         return Config(self.path, settings, tuple(rules), defaults)
-
-    # -- node helpers --
-    def mapping(self, node, key: str, allowed: Iterable[str] | None) -> dict | None:
-        """{name: (key_node, value_node)}; unknown and duplicate keys are problems."""
-        if not isinstance(node, yaml.MappingNode):
-            self.problem(node, key or "(top level)", f"must be a mapping, got {_kind(node)}")
-            return None
-        out = {}
-        allowed = None if allowed is None else tuple(allowed)
-        for knode, vnode in node.value:
-            if not isinstance(knode, yaml.ScalarNode) or knode.tag != "tag:yaml.org,2002:str":
-                self.problem(knode, key or "(top level)", "keys must be plain names")
-                continue
-            name = knode.value
-            full = f"{key}.{name}" if key else name
-            if name in out:
-                self.problem(knode, full, "duplicate key (the first one is on line "
-                                          f"{out[name][0].start_mark.line + 1})")
-                continue
-            if allowed is not None and name not in allowed:
-                self.problem(knode, full, f"unknown key (known: {', '.join(allowed)})")
-                continue
-            out[name] = (knode, vnode)
-        return out
-
-    def value(self, node, key: str) -> Any:
-        try:
-            return yaml.constructor.SafeConstructor().construct_document(node)
-        except yaml.MarkedYAMLError as e:
-            self.problem(node, key, f"cannot read value ({e.problem or e})")
-            return _BAD
-        except Exception as e:  # noqa: BLE001 - PyYAML's constructors raise ValueError (a 5000-digit number),
-            # AttributeError (!!timestamp 2001-99), ... for values they cannot build
-            self.problem(node, key, f"cannot read value ({e})")
-            return _BAD
-
-    def scalar(self, entry, key: str, kind, check=None, allow_none=False):
-        """The value of a (key_node, value_node) entry if it has the right type (and passes `check`)."""
-        _, vnode = entry
-        v = self.value(vnode, key)
-        if v is _BAD:
-            return _BAD
-        if v is None and allow_none:
-            return None
-        ok = isinstance(v, kind) and not (kind in (int, float, (int, float)) and isinstance(v, bool))
-        if not ok:
-            self.problem(vnode, key, f"must be {_kind_name(kind)}, got {_show(v)}")
-            return _BAD
-        if check is not None:
-            msg = check(v)
-            if msg:
-                self.problem(vnode, key, msg)
-                return _BAD
-        return v
-
-    def str_list(self, entry, key: str, nonempty=True) -> tuple[str, ...] | Any:
-        _, vnode = entry
-        v = self.value(vnode, key)
-        if v is _BAD:
-            return _BAD
-        if isinstance(v, str):
-            v = [v]
-        if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v) or (nonempty and not v):
-            self.problem(vnode, key, f"must be a string or a list of strings, got {_show(v)}")
-            return _BAD
-        return tuple(v)
-
-    def resolve(self, p: str, node=None, key: str = "") -> Path | None:
-        """A path from the file: ~ and $VAR/${VAR} expanded, relative to the file's folder (None: a problem)."""
-        q = self.expand(p, node, key)
-        if q is None:
-            return None
-        q = Path(q)
-        path = Path(os.path.normpath(q if q.is_absolute() else self.base / q))
-        why = access_problem(path)
-        if why:
-            self.problem(node, key, why)
-            return None
-        return path
-
-    def expand(self, p: str, node=None, key: str = "") -> str | None:
-        """~ and $VAR/${VAR}; an unset variable is a problem (None), not a folder literally named "$VAR"."""
-        missing = []
-
-        def var(m):
-            name = m.group(1) or m.group(2)
-            if name not in os.environ:
-                missing.append(name)
-                return m.group(0)
-            return os.environ[name]
-
-        out = _VAR.sub(var, os.path.expanduser(p))
-        if missing:
-            self.problem(node, key, f"{p}: the environment variable {', '.join('$' + m for m in missing)} is not set"
-                                    + (" (systemd gives a service only the variables its unit sets: Environment=)"
-                                       if "INVOCATION_ID" in os.environ else ""))
-            return None
-        return out
 
     # -- sections --
     def settings(self, entry) -> Settings:
@@ -542,7 +171,7 @@ class _Loader:
             key = f"settings.{name}"
             if name == "device":
                 devs = self.str_list(e, key)
-                if devs is not _BAD:
+                if devs is not BAD:
                     for d in devs:
                         try:
                             StyleParams.from_mapping({"device": d})
@@ -553,34 +182,34 @@ class _Loader:
                     values[name] = devs
             elif name == "journal":
                 v = self.scalar(e, key, str, allow_none=True)
-                values[name] = None if v in (None, _BAD) else self.resolve(v, e[1], key)
+                values[name] = None if v in (None, BAD) else self.resolve(v, e[1], key)
                 if values[name] is not None:
                     why = journal_problem(values[name])
                     if why:
                         self.problem(e[1], key, why)
             elif name == "socket":
                 v = self.scalar(e, key, str, allow_none=True)
-                values[name] = None if v is None else ("default" if v in (_BAD, "default")
+                values[name] = None if v is None else ("default" if v in (BAD, "default")
                                                        else self.resolve(v, e[1], key) or "default")
             elif name == "socket_group":
                 from nst_core.service.access import socket_group_problem
 
                 v = self.scalar(e, key, str, socket_group_problem, allow_none=True)
-                values[name] = None if v is _BAD else v
+                values[name] = None if v is BAD else v
             elif name == "log_level":
                 v = self.scalar(e, key, str, lambda v: None if v in LOG_LEVELS else
                                 f"must be one of {', '.join(LOG_LEVELS)}, got {v!r}")
-                values[name] = SETTINGS_DEFAULTS[name] if v is _BAD else v
+                values[name] = SETTINGS_DEFAULTS[name] if v is BAD else v
             elif name == "reload_on_change":
                 v = self.scalar(e, key, bool)
-                values[name] = False if v is _BAD else v
+                values[name] = False if v is BAD else v
             elif name == "max_attempts":
                 v = self.scalar(e, key, int, lambda v: None if v >= 1 else f"must be at least 1, got {v}")
-                values[name] = SETTINGS_DEFAULTS[name] if v is _BAD else v
+                values[name] = SETTINGS_DEFAULTS[name] if v is BAD else v
             else:  # seconds
                 v = self.scalar(e, key, num, lambda v, n=name: finite(v) or (nonneg if n in ("settle", "stop_timeout")
                                                                              else positive)(v))
-                values[name] = SETTINGS_DEFAULTS[name] if v is _BAD else float(v)
+                values[name] = SETTINGS_DEFAULTS[name] if v is BAD else float(v)
         devices = values.pop("device")
         return Settings(devices=(devices,) if isinstance(devices, str) else tuple(devices), **values)
 
@@ -598,7 +227,7 @@ class _Loader:
         bad = False
         for name, (knode, vnode) in m.items():
             v = self.value(vnode, f"{key}.{name}")
-            if v is _BAD:
+            if v is BAD:
                 bad = True
                 continue
             try:
@@ -630,7 +259,7 @@ class _Loader:
             return []
         knode, seq = entry
         if not isinstance(seq, yaml.SequenceNode) or not seq.value:
-            self.problem(seq, "rules", f"must be a non-empty list of rules, got {_kind(seq)}")
+            self.problem(seq, "rules", f"must be a non-empty list of rules, got {describe_node(seq)}")
             return []
         defaults_map = None
         if isinstance(root, yaml.MappingNode):
@@ -651,139 +280,28 @@ class _Loader:
         return out
 
     def rule(self, node, i: int, base: StyleParams, settings: Settings, defaults_map) -> Rule | None:
-        key = f"rules[{i}]"
-        if isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                if getattr(k, "value", None) == "rule" and isinstance(v, yaml.ScalarNode) and _RULE_NAME.match(v.value):
-                    key = f"rules.{v.value}"
-        m = self.mapping(node, key, RULE_KEYS)
+        """One rule: its name, the keys of RULE_FIELDS, its folders, styles and parameters, then the
+        checks that take several keys together. None (with the problems noted) where it is invalid."""
+        m, key, name = self.rule_name(node, i)
         if m is None:
             return None
-        key = f"rules[{i}]"
-        name = None
-        if "rule" not in m:
-            self.problem(node, f"{key}.rule", "missing: every rule needs a name (rule: NAME)")
-        else:
-            name = self.scalar(m["rule"], f"{key}.rule", str, lambda v: None if _RULE_NAME.match(v) else
-                               "must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
-            if name is not _BAD:
-                key = f"rules.{name}"
-        ok = name not in (None, _BAD)
-        for req in ("watch", "style", "output"):
+        ok = name is not None
+        for req in REQUIRED_RULE_KEYS[1:]:
             if req not in m:
                 self.problem(node, f"{key}.{req}", "missing")
                 ok = False
-        v = {k: RULE_DEFAULTS[k] for k in RULE_DEFAULTS}
-        for k in ("include", "exclude"):
+        v = dict(RULE_DEFAULTS)
+        for k, spec in RULE_FIELDS.items():
             if k in m:
-                r = self.str_list(m[k], f"{key}.{k}", nonempty=(k == "include"))
-                ok &= r is not _BAD
+                r = self.field(spec, m[k], f"{key}.{k}")
+                ok &= r is not BAD
                 v[k] = r
-        for k in ("recursive", "keep_inputs", "create"):
-            if k in m:
-                r = self.scalar(m[k], f"{key}.{k}", bool)
-                ok &= r is not _BAD
-                v[k] = r
-        if "name" in m:
-            r = self.scalar(m["name"], f"{key}.name", str, check_template)
-            ok &= r is not _BAD
-            v["name"] = r
-        if ok and output_suffix(v["name"]) is None:
-            # {ext}: the output takes the input's format, so every format the rule takes must be writable.
-            unwritable = [g for g in v["include"] if _literal_suffix(g) and _literal_suffix(g) not in _save_formats()]
-            if unwritable:
-                self.problem((m.get("include") or m.get("name") or (None, node))[1], f"{key}.include",
-                             f"takes {', '.join(unwritable)}, but the name {v['name']!r} keeps the input's extension "
-                             f"and those cannot be written; end the name in one of "
-                             f"{', '.join(sorted(_save_formats()))} (for example {{stem}}_{{rule}}.png)")
-                ok = False
-        if "on_collision" in m:
-            r = self.scalar(m["on_collision"], f"{key}.on_collision", str, lambda x: None if x in COLLISIONS
-                            else f"must be one of {', '.join(COLLISIONS)}, got {x!r}")
-            ok &= r is not _BAD
-            v["on_collision"] = r
-        for k in ("processed", "failed"):
-            if k in m:
-                r = self.scalar(m[k], f"{key}.{k}", str, lambda x: None if x.strip() and ".." not in Path(x).parts
-                                else "must be a folder name (relative to each watched folder) or an absolute path")
-                ok &= r is not _BAD
-                v[k] = r if r is _BAD else self.expand(r, m[k][1], f"{key}.{k}")
-                ok &= v[k] not in (_BAD, None)
-                self.folder_nodes[(name, k)] = m[k][1]
-        if "min_input_side" in m:
-            r = self.scalar(m["min_input_side"], f"{key}.min_input_side", int,
-                            lambda x: None if 1 <= x <= 16384 else f"must be between 1 and 16384, got {x}")
-            ok &= r is not _BAD
-            v["min_input_side"] = r
-        if "poll" in m:
-            _, pnode = m["poll"]
-            pv = self.value(pnode, f"{key}.poll")
-            if pv is True or pv is False or pv == "auto":
-                v["poll"] = {True: "always", False: "never"}.get(pv, "auto")
-            else:
-                self.problem(pnode, f"{key}.poll", f"must be auto, true or false, got {_show(pv)}")
-                ok = False
-        create = v["create"] is True
-        watch: list[Path] = []
-        if "watch" in m:
-            r = self.str_list(m["watch"], f"{key}.watch")
-            if r is _BAD:
-                ok = False
-            else:
-                for p in r:
-                    d = self.resolve(p, m["watch"][1], f"{key}.watch")
-                    if d is None:
-                        ok = False
-                        continue
-                    if not d.is_dir() and not (create and not d.exists()):
-                        what = "is not a folder" if d.exists() else "no such folder (create it, or set create: true)"
-                        self.problem(m["watch"][1], f"{key}.watch", f"{d}: {what}")
-                        ok = False
-                    watch.append(d)
-                if name not in (None, _BAD):
-                    self.watch_nodes[name] = m["watch"][1]
-                if len(set(watch)) != len(watch):
-                    self.problem(m["watch"][1], f"{key}.watch", "a folder is listed twice")
-                    ok = False
-        styles: list[Path] = []
-        style_hashes: list[str] = []
-        pictures: list = []  # the decoded style images (when check_styles)
-        if "style" in m:
-            r = self.str_list(m["style"], f"{key}.style")
-            if r is _BAD:
-                ok = False
-            else:
-                for p in r:
-                    f = self.resolve(p, m["style"][1], f"{key}.style")
-                    if f is None:
-                        ok = False
-                        continue
-                    msg = self.check_style(f, pictures)
-                    if msg:
-                        self.problem(m["style"][1], f"{key}.style", msg)
-                        ok = False
-                    else:
-                        try:
-                            style_hashes.append(file_hash(f))
-                        except OSError as e:
-                            self.problem(m["style"][1], f"{key}.style", f"{f}: cannot read ({e.strerror or e})")
-                            ok = False
-                    styles.append(f)
-        output = None
-        if "output" in m:
-            r = self.scalar(m["output"], f"{key}.output", str)
-            if r is _BAD:
-                ok = False
-            else:
-                output = self.resolve(r, m["output"][1], f"{key}.output")
-                if output is None:
-                    ok = False
-                elif output.exists() and not output.is_dir():
-                    self.problem(m["output"][1], f"{key}.output", f"{output}: is not a folder")
-                    ok = False
-                elif output in watch:
-                    self.problem(m["output"][1], f"{key}.output", "must not be a watched folder (outputs would be taken as inputs)")
-                    ok = False
+                if k in ("processed", "failed"):
+                    self.folder_nodes[(name, k)] = m[k][1]
+        ok &= self.writable_include(v, m, node, key, ok)
+        watch, watch_ok = self.rule_watch(m, key, name, v["create"] is True)
+        styles, style_hashes, pictures = self.rule_styles(m, key)
+        output = self.rule_output(m, key, watch)
         params = base
         if "params" in m:
             pm = self.mapping(m["params"][1], f"{key}.params", None)
@@ -793,31 +311,8 @@ class _Loader:
                 n_before = len(self.problems)
                 params = self.params(pm, f"{key}.params", base, m["params"][1], defaults_map)
                 ok &= len(self.problems) == n_before
-        def param_node(field: str):
-            pm_ = self.mapping(m["params"][1], "", None) if "params" in m else None
-            hit = next((e for n, e in (pm_ or {}).items() if n.replace("-", "_") == field), None)
-            return hit[1] if hit else (m["params"][1] if "params" in m else node)
-
-        if ok and params.device != "auto" and "auto" not in settings.devices and params.device not in settings.devices:
-            self.problem(param_node("device"), f"{key}.params.device", f"{params.device!r} is not one of the daemon's devices "
-                                                        f"({', '.join(settings.devices)}; settings.device)")
-            ok = False
-        if ok and not styles and params.style_weight > 0:
-            self.problem(m["style"][1], f"{key}.style", "give at least one style image")
-            ok = False
-        if ok and params.style_blend is not None and len(params.style_blend) != len(styles):
-            self.problem(param_node("style_blend"), f"{key}.params.style_blend",
-                         f"has {len(params.style_blend)} weights for {len(styles)} style images")
-            ok = False
-        if ok and pictures and params.style_weight > 0:
-            from nst_core.engine import check_style_sizes
-
-            try:
-                check_style_sizes(params, pictures)
-            except ParamError as e:
-                self.problem(m["style"][1], f"{key}.style", e.message.partition(": ")[2])
-                ok = False
-        if not ok:
+        ok = ok and watch_ok and styles is not None and output is not None
+        if not (ok and self.rule_agrees(m, node, key, params, settings, styles, pictures)):
             return None
         pixel_params = {k: val for k, val in params.to_mapping().items() if k != "device"}
         version = hashlib.sha256(json.dumps({"params": pixel_params, "styles": style_hashes},
@@ -826,9 +321,148 @@ class _Loader:
             name=name, watch=tuple(watch), include=tuple(v["include"]), exclude=tuple(v["exclude"]),
             recursive=v["recursive"], styles=tuple(styles), params=params, output=output,
             template=v["name"], on_collision=v["on_collision"], keep_inputs=v["keep_inputs"],
-            processed=v["processed"], failed=v["failed"], poll=v["poll"], create=create,
+            processed=v["processed"], failed=v["failed"], poll=v["poll"], create=v["create"] is True,
             min_input_side=v["min_input_side"], version=version, line=node.start_mark.line + 1,
         )
+
+    def rule_name(self, node, i: int) -> tuple[dict | None, str, str | None]:
+        """(the rule's keys, its key for messages: rules.NAME or rules[i], its name or None)."""
+        key = f"rules[{i}]"
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                if getattr(k, "value", None) == "rule" and isinstance(v, yaml.ScalarNode) and _RULE_NAME.match(v.value):
+                    key = f"rules.{v.value}"
+        m = self.mapping(node, key, RULE_KEYS)
+        key = f"rules[{i}]"
+        if m is None:
+            return None, key, None
+        if "rule" not in m:
+            self.problem(node, f"{key}.rule", "missing: every rule needs a name (rule: NAME)")
+            return m, key, None
+        name = self.scalar(m["rule"], f"{key}.rule", str, lambda v: None if _RULE_NAME.match(v) else
+                           "must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        return (m, key, None) if name is BAD else (m, f"rules.{name}", name)
+
+    def field(self, spec: "_Field", entry, key: str):
+        """A value read as `spec` says (BAD, with the problem noted, where it cannot be)."""
+        r = self.str_list(entry, key, nonempty=not spec.empty) if spec.kind == "strings" else \
+            self.scalar(entry, key, spec.kind, spec.check)
+        if r is BAD or spec.convert is None:
+            return r
+        r = spec.convert(self, r, entry[1], key)
+        return BAD if r is None else r
+
+    def writable_include(self, v: dict, m: dict, node, key: str, ok: bool) -> bool:
+        """With {ext} in the name, the output takes the input's format: each format the rule takes must be writable."""
+        if not ok or output_suffix(v["name"]) is not None:
+            return True
+        unwritable = [g for g in v["include"] if _literal_suffix(g) and _literal_suffix(g) not in save_formats()]
+        if unwritable:
+            self.problem((m.get("include") or m.get("name") or (None, node))[1], f"{key}.include",
+                         f"takes {', '.join(unwritable)}, but the name {v['name']!r} keeps the input's extension "
+                         f"and those cannot be written; end the name in one of "
+                         f"{', '.join(sorted(save_formats()))} (for example {{stem}}_{{rule}}.png)")
+        return not unwritable
+
+    def rule_watch(self, m: dict, key: str, name: str | None, create: bool) -> tuple[list[Path], bool]:
+        """(the watched folders, whether all of them are usable)."""
+        if "watch" not in m:
+            return [], True
+        r = self.str_list(m["watch"], f"{key}.watch")
+        if r is BAD:
+            return [], False
+        ok, watch = True, []
+        for p in r:
+            d = self.resolve(p, m["watch"][1], f"{key}.watch")
+            if d is None:
+                ok = False
+                continue
+            if not d.is_dir() and not (create and not d.exists()):
+                what = "is not a folder" if d.exists() else "no such folder (create it, or set create: true)"
+                self.problem(m["watch"][1], f"{key}.watch", f"{d}: {what}")
+                ok = False
+            watch.append(d)
+        if name is not None:
+            self.watch_nodes[name] = m["watch"][1]
+        if len(set(watch)) != len(watch):
+            self.problem(m["watch"][1], f"{key}.watch", "a folder is listed twice")
+            ok = False
+        return watch, ok
+
+    def rule_styles(self, m: dict, key: str) -> tuple[list[Path] | None, list[str], list]:
+        """(style image paths, their hashes, their decoded pictures where checked); None paths where one is bad."""
+        styles: list[Path] = []
+        hashes: list[str] = []
+        pictures: list = []
+        if "style" not in m:
+            return styles, hashes, pictures
+        r = self.str_list(m["style"], f"{key}.style")
+        if r is BAD:
+            return None, hashes, pictures
+        ok = True
+        for p in r:
+            f = self.resolve(p, m["style"][1], f"{key}.style")
+            if f is None:
+                ok = False
+                continue
+            msg = self.check_style(f, pictures)
+            if msg:
+                self.problem(m["style"][1], f"{key}.style", msg)
+                ok = False
+            else:
+                try:
+                    hashes.append(file_hash(f))
+                except OSError as e:
+                    self.problem(m["style"][1], f"{key}.style", f"{f}: cannot read ({e.strerror or e})")
+                    ok = False
+            styles.append(f)
+        return (styles if ok else None), hashes, pictures
+
+    def rule_output(self, m: dict, key: str, watch: list[Path]) -> Path | None:
+        if "output" not in m:
+            return None
+        r = self.scalar(m["output"], f"{key}.output", str)
+        if r is BAD:
+            return None
+        output = self.resolve(r, m["output"][1], f"{key}.output")
+        if output is None:
+            return None
+        if output.exists() and not output.is_dir():
+            self.problem(m["output"][1], f"{key}.output", f"{output}: is not a folder")
+            return None
+        if output in watch:
+            self.problem(m["output"][1], f"{key}.output", "must not be a watched folder (outputs would be taken as inputs)")
+            return None
+        return output
+
+    def rule_agrees(self, m: dict, node, key: str, params: StyleParams, settings: Settings, styles: list[Path],
+                    pictures: list) -> bool:
+        """The checks across keys: the device is the daemon's, the styles fit the parameters."""
+        def param_node(field: str):
+            pm_ = self.mapping(m["params"][1], "", None) if "params" in m else None
+            hit = next((e for n, e in (pm_ or {}).items() if n.replace("-", "_") == field), None)
+            return hit[1] if hit else (m["params"][1] if "params" in m else node)
+
+        if params.device != "auto" and "auto" not in settings.devices and params.device not in settings.devices:
+            self.problem(param_node("device"), f"{key}.params.device", f"{params.device!r} is not one of the daemon's devices "
+                                                        f"({', '.join(settings.devices)}; settings.device)")
+            return False
+        if not styles and params.style_weight > 0:
+            self.problem(m["style"][1], f"{key}.style", "give at least one style image")
+            return False
+        if params.style_blend is not None and len(params.style_blend) != len(styles):
+            self.problem(param_node("style_blend"), f"{key}.params.style_blend",
+                         f"has {len(params.style_blend)} weights for {len(styles)} style images")
+            return False
+        if pictures and params.style_weight > 0:
+            from nst_core.engine import check_style_sizes
+
+            try:
+                check_style_sizes(params, pictures)
+            except ParamError as e:
+                self.problem(m["style"][1], f"{key}.style", e.message.partition(": ")[2])
+                return False
+        return True
 
     def check_style(self, f: Path, pictures: list) -> str | None:
         """Why the style image `f` cannot be used, or None (its decoded picture is added to `pictures`)."""
@@ -870,7 +504,7 @@ class _Loader:
         for rule in rules:
             for k in ("processed", "failed"):
                 for root in rule.watch:
-                    dest = _under(root, getattr(rule, k))
+                    dest = folder_under(root, getattr(rule, k))
                     hit = watched.get(_real(dest))
                     if hit is None and dest != root:
                         continue
@@ -883,57 +517,7 @@ class _Loader:
                     break
 
 
-# ---- describing (--check-config) -----------------------------------------------------------------
-
-
-def describe(config: Config, env=None, running=()) -> str:
-    """What each rule would do, for people (nst-daemon --check-config). `running`: the live
-    daemons (folderlock.Holder) that watch the rules' folders now, whose journal and socket are
-    the service's even where this process would use others (run by hand, not under systemd)."""
-    from .watch import fs_type, network_fs
-
-    env = os.environ if env is None else env
-    s = config.settings
-    sock = s.socket_path(env)
-    by_hand = "" if s.journal is not None or env.get("STATE_DIRECTORY") else \
-        " (as run now, by hand; under systemd: $STATE_DIRECTORY/journal.sqlite)"
-    lines = [f"config {config.path}: {len(config.rules)} rule(s), valid",
-             f"  devices: {', '.join(s.devices)}; journal: {s.journal_path(env)}{by_hand}",
-             f"  job service socket: {sock if sock else 'off'}"
-             + (f" (group {s.socket_group}, 0660)" if sock and s.socket_group else " (0600)" if sock else ""),
-             f"  scan every {s.scan_interval:g}s; settle {s.settle:g}s; max attempts {s.max_attempts}; "
-             f"reload on change: {'yes' if s.reload_on_change else 'no (SIGHUP)'}"]
-    groups: dict = {}
-    for h in running:
-        groups.setdefault((h.pid, h.user, h.journal, h.socket), []).append(str(h.path.parent))
-    for (pid, user, journal, socket), folders in groups.items():
-        lines.append(f"  running now: nst-daemon pid {pid}" + (f" (user {user})" if user else "")
-                     + f", journal {journal}, socket {socket or 'off'}; watching {', '.join(folders)}")
-    if not running:
-        lines.append("  running now: no nst-daemon watches these folders")
-    for r in config.rules:
-        lines.append(f"rule {r.name} (version {r.version}):")
-        for d in r.watch:
-            fst = fs_type(d)
-            how = "polled" if r.poll == "always" or (r.poll == "auto" and network_fs(fst)) else "inotify events"
-            state = "" if d.exists() else " (will be created)"
-            lines.append(f"  watches {d}{state}{' recursively' if r.recursive else ''} [{fst}, {how}]")
-        lines.append(f"  takes {', '.join(r.include)}" + (f" except {', '.join(r.exclude)}" if r.exclude else ""))
-        lines.append(f"  style {', '.join(str(p) for p in r.styles) or '(none)'}")
-        lines.append(f"  params {r.describe_params()}")
-        example = r.output_name(Path("photo.jpg"))
-        lines.append(f"  writes {r.output / example} for photo.jpg (on collision: {r.on_collision})")
-        if r.keep_inputs:
-            lines.append(f"  leaves inputs in place; failures get a sidecar in {r.failed_dir(r.watch[0])}")
-        else:
-            lines.append(f"  then moves inputs to {r.processed_dir(r.watch[0])}, failures to {r.failed_dir(r.watch[0])}")
-    return "\n".join(lines)
-
-
 # ---- helpers -------------------------------------------------------------------------------------
-
-_BAD = object()
-
 
 def file_hash(path, chunk: int = 1 << 20) -> str:
     """sha256 of a file's bytes, hex."""
@@ -945,11 +529,6 @@ def file_hash(path, chunk: int = 1 << 20) -> str:
                 break
             h.update(b)
     return h.hexdigest()
-
-
-def _under(root: Path, folder: str) -> Path:
-    p = Path(os.path.expanduser(folder))
-    return p if p.is_absolute() else root / p
 
 
 def _real(p: Path) -> str:
@@ -970,21 +549,6 @@ def _inside(child: Path, parent: Path) -> bool:
         return False
 
 
-_VAR = re.compile(r"\$(?:([A-Za-z_][A-Za-z0-9_]*)|\{([A-Za-z_][A-Za-z0-9_]*)\})")
-
-
-def access_problem(path: Path) -> str | None:
-    """Why `path` cannot even be looked at (a name too long, a folder on the way this user may not
-    enter), or None; a path that does not exist is no problem here."""
-    try:
-        os.stat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except OSError as e:
-        return f"{path}: {e.strerror or e}" + (" (for this user)" if e.errno in (errno.EACCES, errno.EPERM) else "")
-    return None
-
-
 def journal_problem(path: Path) -> str | None:
     """Why the journal cannot be at `path`, or None (the file and its folder may not exist yet)."""
     why = access_problem(path)
@@ -998,34 +562,3 @@ def journal_problem(path: Path) -> str | None:
                 return f"{path}: {parent} is not a folder"
             break
     return None
-
-
-def _kind(node) -> str:
-    if node is None:
-        return "nothing"
-    if isinstance(node, yaml.MappingNode):
-        return "a mapping"
-    if isinstance(node, yaml.SequenceNode):
-        return "a list"
-    return _clip(repr(node.value)) if node.value != "" else "an empty value"
-
-
-def _kind_name(kind) -> str:
-    names = {str: "a string", bool: "true or false", int: "a whole number", (int, float): "a number"}
-    return names.get(kind, str(kind))
-
-
-def _show(v) -> str:
-    if v is None:
-        return "nothing"
-    return _clip(repr(v))
-
-
-def _clip(text: str, limit: int = 100) -> str:
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def _short(v) -> str:
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{k}:{w:g}" for k, w in v.items()) + "}"
-    return repr(v) if isinstance(v, str) else str(v)

@@ -13,9 +13,12 @@ a name is not valid UTF-8.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
 import sqlite3
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -186,6 +189,31 @@ class Journal:
                          "AND in_dev = ? ORDER BY id DESC LIMIT 1",
                          (_db(path), ident.ino, ident.size, ident.mtime_ns, ident.dev))
 
+    def job_for(self, path, st: os.stat_result, rule: str, version: str, *, create: bool = False,
+                stats=None) -> Job | None:
+        """The job of the file at `path` (`st`) under this rule version: the one made for this very
+        file, else the one for its content (hashed only then); with `create`, a new queued one where
+        there is none. `stats` (daemon.worker.Stats) gets the time spent on the journal and hashing."""
+        ident = Identity.of(st)
+        t0 = time.perf_counter()
+        job = self.by_input(path, ident)
+        if job is not None and (job.rule != rule or job.rule_version != version):
+            job = None
+        if stats is not None:
+            stats.add("journal", time.perf_counter() - t0, 0)
+        if job is None:
+            t0 = time.perf_counter()
+            key = content_key(path, st)
+            if stats is not None:
+                stats.add("hash", time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            job = self.find(key, rule, version)
+            if job is None and create:
+                job = self.add(key, rule, version, path, ident)
+            if stats is not None:
+                stats.add("journal", time.perf_counter() - t0)
+        return job
+
     def running(self) -> list[Job]:
         return self._all("SELECT * FROM jobs WHERE state = 'running' ORDER BY id")
 
@@ -193,9 +221,6 @@ class Journal:
         with self._lock:
             rows = self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
         return {s: 0 for s in STATES} | {r[0]: r[1] for r in rows}
-
-    def all(self) -> list[Job]:
-        return self._all("SELECT * FROM jobs ORDER BY id")
 
     # -- transitions --
     def add(self, content_hash: str, rule: str, version: str, path, ident: Identity) -> Job:
@@ -271,6 +296,57 @@ class Journal:
         """Delete a queued job (its file vanished, or its rule changed before it ran)."""
         with self._lock:
             self._db.execute("DELETE FROM jobs WHERE id = ? AND state = 'queued'", (job_id,))
+
+
+def content_key(path, st: os.stat_result) -> str:
+    """The content hash that keys a job (links and unreadable files get keys of their own).
+
+    The file is read without following a link (a link swapped in after `st` is not read through)."""
+    if stat.S_ISLNK(st.st_mode):
+        try:
+            return "link:" + hashlib.sha256(os.fsencode(os.readlink(path))).hexdigest()
+        except OSError:
+            pass
+    else:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            fd = None
+        if fd is not None:
+            try:
+                now = os.fstat(fd)
+                if stat.S_ISREG(now.st_mode) and (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+                    h = hashlib.sha256()
+                    with os.fdopen(fd, "rb", closefd=False) as f:
+                        for chunk in iter(lambda: f.read(1 << 20), b""):
+                            h.update(chunk)
+                    return h.hexdigest()
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+    return f"unreadable:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def instance_lock_path(jpath, owner: str) -> Path:
+    """The lock file a daemon instance (`owner`) holds beside its journal while it runs."""
+    jpath = Path(jpath)
+    return jpath.with_name(f"{jpath.name}.{owner}.lock")
+
+
+def instance_alive(jpath, owner: str) -> bool:
+    """Whether a daemon instance holds its lock on this journal (flock: released when a process dies)."""
+    try:
+        fd = os.open(instance_lock_path(jpath, owner), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def _db(path):

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fcntl
-import hashlib
 import logging
 import math
 import os
@@ -28,72 +27,29 @@ from pathlib import Path
 
 from nst_core.errors import NSTError
 
-from .config import Config, ConfigError, Rule, describe, journal_problem, load_config
+from .config import ConfigError, journal_problem, load_config
+from .rules import Config, Rule
+from .decide import DUPLICATE, FINISH, LATER, RUN, decide, waits_elsewhere
 from .folderlock import FolderLocks, live_holders
-from .journal import Identity, Job, Journal
+from .journal import Identity, Job, Journal, instance_alive, instance_lock_path
 from .names import show
+from .logs import setup_logging
 from .notify import Notifier
+from .report import describe, dry_run
 from .safefs import LinkRefused
 from .watch import Settler, Watcher, scan
-from .worker import (Item, JobQueue, Running, Stats, Worker, folder_problem, finish_input, free_name,
-                     move_duplicate)
+from .inputs import finish_input, folder_problem, move_duplicate
+from .jobs import FolderContext, Item, JobQueue, OutputNames, Running, RuleBlocks, Stats
+from .worker import FolderWorker, StyleCache
 
 log = logging.getLogger("nst-daemon")
-
-# ---- logging: one line per record, each line with its journald priority --------------------------
-
-_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
-
-
-class JournaldFormatter(logging.Formatter):
-    """``<6>message``: journald reads the priority from the prefix of every stdout line.
-
-    Every argument (file names above all) is shown on one line (`names.show`), so a name with a
-    newline or bytes that are not UTF-8 cannot split a record or forge one; only the message's own
-    line breaks start new lines.
-    """
-
-    def format(self, record: logging.LogRecord) -> str:
-        if record.args:
-            record = logging.makeLogRecord(record.__dict__)
-            if isinstance(record.args, dict):
-                record.args = {k: _shown(v) for k, v in record.args.items()}
-            else:
-                record.args = tuple(_shown(v) for v in record.args)
-        text = record.getMessage()
-        if record.name != "nst-daemon":
-            text = f"{record.name.rsplit('.', 1)[-1]}: {text}"
-        if record.exc_info:
-            text += "\n" + self.formatException(record.exc_info)
-        prio = _PRIORITY.get(record.levelno, 6 if record.levelno < logging.WARNING else 3)
-        return "\n".join(f"<{prio}>{line}" for line in text.splitlines() or [""])
-
-
-def _shown(value):
-    return value if isinstance(value, (int, float)) else show(value)
-
-
-def setup_logging(level: str) -> None:
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(JournaldFormatter())
-    root.addHandler(handler)
-    root.setLevel(level.upper())
-
-
-class RuleError(NSTError):
-    """A rule's style image cannot be used at job time (changed or removed since the config was read)."""
-
-    kind = "rule"
-
 
 # ---- the daemon ----------------------------------------------------------------------------------
 
 
 class Daemon:
-    """Everything the running daemon holds; also the context its folder workers use."""
+    """Everything the running daemon holds: rules and watchers, the journal, the engine and socket, and
+    its folder workers, to which it hands only a `FolderContext`."""
 
     def __init__(self, config: Config, *, instance: str = "main", devices=None, socket="config", env=None):
         self.config = config
@@ -108,20 +64,18 @@ class Daemon:
         self.running: dict[int, Running] = {}
         self.stopping = threading.Event()
         self.stop_deadline = math.inf
-        self.names_lock = threading.Lock()
-        self.reserved: set[Path] = set()
+        self.names = OutputNames()
+        self.blocks = RuleBlocks(self.queue, lambda: self.config.settings.scan_interval, self.changed)
+        self.styles = StyleCache()
         self.journal: Journal | None = None
         self.scheduler = None
         self.server = None
         self.watcher: Watcher | None = None
-        self.workers: list[Worker] = []
-        self.server_name = "neural-style"
+        self.workers: list[FolderWorker] = []
+        self.context: FolderContext | None = None
         self._wake = threading.Event()
         self._reload_requested = False
         self._stop_requested = False
-        self._blocked: dict[str, tuple[str, float]] = {}
-        self._style_cache: dict[tuple, object] = {}
-        self._style_lock = threading.Lock()
         self._later: set[Path] = set()
         self._lock_fd: int | None = None
         self.locks: FolderLocks | None = None
@@ -129,69 +83,43 @@ class Daemon:
         self._status_dirty = True
         self._last_status = ""
         self._config_sig = _file_sig(config.path)
-        self.ready_at: float | None = None
 
-    # -- context for workers --
+    # -- what the folder workers are told --
     def changed(self) -> None:
         self._status_dirty = True
 
-    def rediscover(self, path: Path) -> None:
+    def look_again(self, path: Path, delay: float = 0.0, st: os.stat_result | None = None) -> None:
+        """Settle the file at `path` again (its rule found anew), after `delay` seconds unless it
+        changes from `st` before."""
         owner = self.config.owner(path)
-        if owner is not None:
+        if owner is None:
+            return
+        if delay or st is not None:
+            self.settler.defer(path, owner[0].name, owner[1], delay, st)
+        else:
             self.settler.add(path, owner[0].name, owner[1])
-            self._wake.set()
-
-    def defer(self, item: Item, delay: float, st: os.stat_result | None = None) -> None:
-        """Look at an input again in `delay` seconds (or once it changes): it could not be decoded yet."""
-        self.settler.defer(item.path, item.rule, item.root, delay, st)
         self._wake.set()
 
     def trust_ctime(self, root: Path) -> bool:
         """Whether file change times under `root` are in our clock (not a network folder's)."""
         return self.watcher is None or self.watcher.modes.get(root) != "polled"
 
-    def block(self, rule: str, message: str) -> None:
-        if self._blocked.get(rule, (None,))[0] != message:
-            log.error("rule %s: %s; its files wait (retried in %gs, or at a reload)", rule, message,
-                      self.config.settings.scan_interval)
-        self._blocked[rule] = (message, time.monotonic() + self.config.settings.scan_interval)
-        self.queue.drop(lambda i: i.rule != rule)
-        self.changed()
-
-    def blocked_reason(self, rule: str) -> str | None:
-        b = self._blocked.get(rule)
-        return b[0] if b else None
-
-    def styles(self, rule: Rule) -> list:
-        from nst_core.images import load_image
-
-        out = []
-        for p in rule.styles:
-            try:
-                st = os.stat(p)
-            except OSError as e:
-                raise RuleError(f"rule {rule.name}: style image {p}: {e.strerror or e}") from None
-            key = (str(p), st.st_size, st.st_mtime_ns)
-            with self._style_lock:
-                pic = self._style_cache.get(key)
-            if pic is None:
-                try:
-                    pic = load_image(p)
-                except NSTError as e:
-                    raise RuleError(f"rule {rule.name}: style image: {e.message}") from None
-                with self._style_lock:
-                    self._style_cache[key] = pic
-            out.append(pic)
-        return out
+    def folder_context(self) -> FolderContext:
+        """What the folder workers (and the moving of inputs) may use; the journal and scheduler must be open."""
+        return FolderContext(
+            journal=self.journal, queue=self.queue, scheduler=self.scheduler, settler=self.settler,
+            stats=self.stats, names=self.names, blocks=self.blocks, running=self.running, owner=self.owner,
+            stopping=self.stopping, config=lambda: self.config, styles=self.styles,
+            stop_deadline=lambda: self.stop_deadline, trust_ctime=self.trust_ctime, look_again=self.look_again,
+            changed=self.changed)
 
     # -- lifecycle --
     def start(self) -> None:
         """Open the journal, recover, start the engine, the socket, the watchers and the workers."""
         from nst_core.service.scheduler import Scheduler
-        from nst_core.service.server import ServiceServer, server_name
+        from nst_core.service.server import ServiceServer
 
         s = self.config.settings
-        self.server_name = server_name()
         jpath = s.journal_path(self.env)
         self._open_journal(jpath)
         self.locks = FolderLocks(jpath, self.owner, self.socket_path)
@@ -206,12 +134,12 @@ class Daemon:
                                         owns_scheduler=False)
             self.server.start()
         self._start_watching()
-        self.workers = [Worker(self, i) for i in range(max(1, len(self.scheduler.devices)))]
+        self.context = self.folder_context()
+        self.workers = [FolderWorker(self.context, i) for i in range(max(1, len(self.scheduler.devices)))]
         for w in self.workers:
             w.start()
         self.scan_all()
         self._last_scan = time.monotonic()
-        self.ready_at = time.monotonic()
         log.info("ready: %d rule(s), devices %s, journal %s, socket %s", len(self.config.rules),
                  ", ".join(self.scheduler.devices), jpath, self.socket_path or "off")
         self.notifier.ready(self.status_text())
@@ -254,7 +182,7 @@ class Daemon:
 
     def _lock_instance(self, jpath: Path) -> None:
         jpath.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(_lock_path(jpath, self.owner), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(instance_lock_path(jpath, self.owner), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -282,7 +210,7 @@ class Daemon:
                 log.warning("%s: was running when the daemon stopped (attempt %d); queued again",
                             job.in_path, job.attempts)
             if out is not None:
-                from nst_core.images import temporary_files
+                from nst_core.outputs import temporary_files
 
                 for tmp in temporary_files(out):
                     try:
@@ -324,15 +252,12 @@ class Daemon:
 
     def scan_all(self) -> None:
         t0, n = time.perf_counter(), 0
-        now = time.monotonic()
-        for name, (_, until) in list(self._blocked.items()):
-            if until <= now:
-                del self._blocked[name]
+        self.blocks.expire()
         later, self._later = self._later, set()
         for p in later:
-            self.rediscover(p)
+            self.look_again(p)
         for rule in self.config.rules:
-            if rule.name in self._blocked:
+            if rule.name in self.blocks:
                 continue
             for root in rule.watch:
                 if not root.is_dir():
@@ -350,57 +275,32 @@ class Daemon:
         if owner is None:
             return
         rule, root = owner
-        if rule.name in self._blocked:
+        if rule.name in self.blocks:
             return
         ident = Identity.of(st)
-        journal = self.journal
-        t0 = time.perf_counter()
-        job = journal.by_input(path, ident)
-        self.stats.add("journal", time.perf_counter() - t0, 0)
-        if job is not None and (job.rule != rule.name or job.rule_version != rule.version):
-            job = None
-        if job is None:
-            t0 = time.perf_counter()
-            key = content_key(path, st)
-            self.stats.add("hash", time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            job = journal.find(key, rule.name, rule.version) or journal.add(key, rule.name, rule.version, path, ident)
-            self.stats.add("journal", time.perf_counter() - t0)
+        job = self.journal.job_for(path, st, rule.name, rule.version, create=True, stats=self.stats)
         item = Item(job.id, path, rule.name, rule.version, root)
-        same = job.same_input(path, ident)
-        if job.state == "queued":
-            if not same:
-                if Identity.at(job.in_path) is not None and job.in_path != str(path):
-                    self._later.add(path)  # the same content is waiting under another name
-                    return
-                journal.retry(job.id, path, ident, "queued")  # renamed before it ran
+        d = decide(job, path, ident, keep_inputs=rule.keep_inputs, ours=self.mine, elsewhere=waits_elsewhere(path),
+                   here=lambda j: self.queue.in_flight(j.id) or j.owner == self.owner)
+        if d.action == RUN:
+            if d.retry:
+                self.journal.retry(job.id, path, ident, d.retry)
             self.queue.put(item)
             self.changed()
-        elif job.state == "running":
-            if not self.queue.in_flight(job.id) and job.owner != self.owner:
-                self._later.add(path)  # another instance runs it
-        elif job.state == "done":
-            if same:
-                if self.mine(job):
-                    finish_input(self, job, item, rule, ok=True)  # a leftover from a crash
-            elif not rule.keep_inputs:
-                self._duplicate(job, item, rule)
-        elif job.state == "failed":
-            if same:
-                if not rule.keep_inputs and self.mine(job):
-                    finish_input(self, job, item, rule, ok=False)
-            else:
-                journal.retry(job.id, path, ident, "failed")  # dropped again: try again
-                self.queue.put(item)
-                self.changed()
+        elif d.action == LATER:
+            self._later.add(path)
+        elif d.action == FINISH:
+            finish_input(self.context, job, item, rule, ok=job.state == "done")
+        elif d.action == DUPLICATE:
+            self._duplicate(job, item, rule)
 
     def _duplicate(self, job: Job, item: Item, rule: Rule) -> None:
         try:
-            dest = move_duplicate(self, item, rule)
+            dest = move_duplicate(item, rule)
             log.info("%s: same content as %s, already done (%s); moved to %s", item.path, job.in_path,
                      job.out_path or job.note, dest)
         except LinkRefused as e:
-            self.block(rule.name, folder_problem(e.path, e).message)
+            self.blocks.block(rule.name, folder_problem(e.path, e).message)
         except OSError as e:
             log.error("%s: cannot move it to %s: %s", item.path, rule.processed_dir(item.root), e)
 
@@ -460,8 +360,8 @@ class Daemon:
         text = f"{len(self.queue)} queued, {len(self.settler)} settling; "
         text += ("running " + ", ".join(running)) if running else "idle"
         text += f"; {c.get('done', 0)} done, {c.get('failed', 0)} failed since start"
-        if self._blocked:
-            text += "; waiting: " + "; ".join(f"{k}: {m}" for k, (m, _) in self._blocked.items())
+        if blocked := self.blocks.items():
+            text += "; waiting: " + "; ".join(f"{k}: {m}" for k, m in blocked)
         if self._reload_error:
             text = f"reload failed, old rules in use: {self._reload_error} | " + text
         return text
@@ -513,7 +413,7 @@ class Daemon:
         gone = self.queue.drop(lambda i: versions.get(i.rule, (None,))[0] == i.version and i.root in versions[i.rule][1])
         for item in gone:
             self.journal.forget(item.job_id)
-        self._blocked.clear()
+        self.blocks.clear()
         self._start_watching()
         self.scan_all()
         self._last_scan = time.monotonic()
@@ -581,57 +481,6 @@ class Daemon:
         return 0
 
 
-def content_key(path: Path, st: os.stat_result) -> str:
-    """The content hash that keys a job (links and unreadable files get keys of their own).
-
-    The file is read without following a link (a link swapped in after `st` is not read through)."""
-    import stat as _stat
-
-    if _stat.S_ISLNK(st.st_mode):
-        try:
-            return "link:" + hashlib.sha256(os.fsencode(os.readlink(path))).hexdigest()
-        except OSError:
-            pass
-    else:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
-            fd = None
-        if fd is not None:
-            try:
-                now = os.fstat(fd)
-                if _stat.S_ISREG(now.st_mode) and (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
-                    h = hashlib.sha256()
-                    with os.fdopen(fd, "rb", closefd=False) as f:
-                        for chunk in iter(lambda: f.read(1 << 20), b""):
-                            h.update(chunk)
-                    return h.hexdigest()
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
-    return f"unreadable:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
-
-
-def _lock_path(jpath: Path, owner: str) -> Path:
-    return jpath.with_name(f"{jpath.name}.{owner}.lock")
-
-
-def instance_alive(jpath: Path, owner: str) -> bool:
-    """Whether a daemon instance holds its lock on this journal (flock: released when a process dies)."""
-    try:
-        fd = os.open(_lock_path(Path(jpath), owner), os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-
-
 def _file_sig(path: Path):
     try:
         st = os.stat(path)
@@ -641,78 +490,6 @@ def _file_sig(path: Path):
 
 
 # ---- the command -----------------------------------------------------------------------------------
-
-
-def dry_run(config: Config, env=None) -> int:
-    """Print what the daemon would do with the files that are there now; touches nothing.
-
-    The journal read is, per watched folder, that of the live daemon that watches it (found by its
-    lock file: the service's, when this runs by hand), else the one this process would use."""
-    own = config.settings.journal_path(env)
-    journals: dict[str, Journal | None] = {}
-
-    def journal_for(root: Path) -> Journal | None:
-        live = [h for h in live_holders([root]) if h.journal]
-        path = live[0].journal if live else str(own)
-        if path not in journals:
-            whose = (f"the journal of the running {live[0].describe().split(' with the journal')[0]}" if live
-                     else "no nst-daemon watches this folder now; the journal it would use run as now")
-            if not os.path.exists(path):
-                print(f"journal {path} ({whose}): none yet")
-                journals[path] = None
-            else:
-                try:
-                    journals[path] = Journal(path, readonly=True)
-                    journals[path].get(0)  # reads the file now: a permission problem shows here
-                except (OSError, sqlite3.Error) as e:
-                    raise NSTError(f"cannot read {whose}, {path} ({e}); run this as the daemon's user "
-                                   f"(for example: sudo -u {(live[0].user if live else None) or 'nst'} "
-                                   f"nst-daemon --config {config.path} --dry-run)") from None
-                print(f"journal {path} ({whose})")
-        return journals[path]
-
-    n = 0
-    try:
-        for rule in config.rules:
-            for root in rule.watch:
-                if not root.is_dir():
-                    print(f"rule {rule.name}: {root} does not exist{' (created at start)' if rule.create else ''}")
-                    continue
-                journal = journal_for(root)
-                for p in scan(rule, root):
-                    try:
-                        st = os.lstat(p)
-                    except OSError:
-                        continue
-                    ident = Identity.of(st)
-                    job = journal.by_input(p, ident) if journal else None
-                    if job is not None and (job.rule != rule.name or job.rule_version != rule.version):
-                        job = None
-                    if job is None and journal is not None:
-                        job = journal.find(content_key(p, st), rule.name, rule.version)
-                    state = job.state if job else "new"
-                    if state in ("new", "queued", "running") or (state == "failed" and not job.same_input(p, ident)):
-                        target = rule.output / rule.output_name(p)
-                        note = ""
-                        if os.path.lexists(target):
-                            note = {"overwrite": " (exists: overwritten)", "skip": " (exists: skipped)",
-                                    "number": f" (exists: written as {free_name(target, set()).name})"}[rule.on_collision]
-                        print(f"rule {rule.name}: would process {p} → {target}{note}")
-                        n += 1
-                    elif state == "done":
-                        print(f"rule {rule.name}: {p}: done already"
-                              + ("" if rule.keep_inputs else f" (would move it to {rule.processed_dir(root)})"))
-                    else:
-                        print(f"rule {rule.name}: {p}: failed already ({(job.error or {}).get('message', '')})")
-    except NSTError as e:
-        print(f"nst-daemon: {e.message}", file=sys.stderr)
-        return 2
-    finally:
-        for j in journals.values():
-            if j is not None:
-                j.close()
-    print(f"{n} file(s) to process")
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -740,6 +517,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from nst_core.runtime import prepare_process
+
+    prepare_process()  # before anything loads torch
     for stream in (sys.stdout, sys.stderr):  # names that are not UTF-8 print as \xNN, never a traceback
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")

@@ -71,9 +71,6 @@ class Notifier:
     def watchdog(self) -> bool:
         return self.send(watchdog=1)
 
-    def extend_timeout(self, seconds: float) -> bool:
-        return self.send(extend_timeout_usec=int(seconds * 1e6))
-
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close()

@@ -21,7 +21,7 @@ from watchdog.events import FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
-from .config import Config, Rule, is_ignored_name
+from .rules import Config, Rule, is_ignored_name
 
 log = logging.getLogger("nst-daemon")
 

@@ -1,4 +1,5 @@
-"""One folder job from the journal to its output: the steps, and the order that makes them crash-safe.
+"""The folder worker: one folder job from the journal to its output, and the order of its steps
+that makes them crash-safe.
 
     claim (journal: running, attempts + 1)
     open the input without following links; decode it   (one that cannot be decoded yet waits)
@@ -13,150 +14,76 @@ Problems of the machine rather than of the input (weights, the style image, an o
 full or cannot be written, a link where processed/ or failed/ should be) block the rule instead: its
 files wait, and STATUS says why. Nothing is created in or moved into a folder reached through a link
 (see safefs).
+
+Two queues lie between a settled file and the engine, on purpose. The daemon's `JobQueue` holds
+journal jobs (a few bytes each, unbounded: 1000 files dropped at once are 1000 entries, nothing
+decoded), deduplicated and dropped per rule at a block or reload; a folder worker takes one,
+decodes it, names and records its output and, once the engine is done, writes and moves the files.
+That file work belongs to the daemon (it owns the folders and the journal; with a farm the engine
+runs elsewhere) and must not hold a device. The Scheduler's queue holds decoded jobs for the
+devices: bounded, interactive (GIMP) before batch, shared with the socket's clients. With one
+folder worker per device, each with at most one job there, the daemon holds one decoded picture per
+device, and an interactive job waits only for the jobs running.
 """
 
 from __future__ import annotations
 
-import collections
-import datetime as _dt
 import errno
-import json
 import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from nst_core.errors import Cancelled, DeviceError, ImageError, NSTError, OutOfMemory, WeightsError
+from nst_core.errors import (Cancelled, DeviceError, ImageError, NSTError, OutOfMemory, QueueFull, ServiceStopping,
+                             WeightsError)
+from nst_core.outputs import metadata, name_max, refuse_inputs
 
 from . import safefs
-from .config import Rule
+from .rules import Rule
+from .inputs import FolderProblem, finish_input, folder_problem, free_name
+from .jobs import FolderContext, Item, Running
 from .journal import Identity, Job
-from .names import fit_name, numbered, show
+from .names import fit_name, show
 from .safefs import LinkRefused, Place, fd_path
 
 log = logging.getLogger("nst-daemon")
 
-SIDECAR_SUFFIX = ".error.json"
+
+class RuleError(NSTError):
+    """A rule's style image cannot be used at job time (changed or removed since the config was read)."""
+
+    kind = "rule"
 
 
-@dataclass(frozen=True)
-class Item:
-    """A queued folder job: the journal row and the file it was made for."""
-
-    job_id: int
-    path: Path
-    rule: str
-    version: str
-    root: Path
-
-
-class JobQueue:
-    """FIFO of items, deduplicated by job id (events and scans find the same file many times)."""
+class StyleCache:
+    """The rules' style images, decoded once for each version of the file."""
 
     def __init__(self):
-        self._items: collections.deque[Item] = collections.deque()
-        self._ids: set[int] = set()      # queued here or being worked on
-        self._cond = threading.Condition()
-        self._closed = False
-
-    def __len__(self) -> int:
-        with self._cond:
-            return len(self._items)
-
-    def put(self, item: Item) -> bool:
-        with self._cond:
-            if self._closed or item.job_id in self._ids:
-                return False
-            self._ids.add(item.job_id)
-            self._items.append(item)
-            self._cond.notify()
-            return True
-
-    def get(self, timeout: float | None = None) -> Item | None:
-        """The next item (its id stays "in flight" until `release`); None when closed or timed out."""
-        with self._cond:
-            end = None if timeout is None else time.monotonic() + timeout
-            while not self._items and not self._closed:
-                left = None if end is None else end - time.monotonic()
-                if left is not None and left <= 0:
-                    return None
-                self._cond.wait(left)
-            if self._closed:
-                return None
-            return self._items.popleft()
-
-    def release(self, job_id: int) -> None:
-        with self._cond:
-            self._ids.discard(job_id)
-
-    def in_flight(self, job_id: int) -> bool:
-        with self._cond:
-            return job_id in self._ids
-
-    def drop(self, keep) -> list[Item]:
-        """Remove the queued items for which keep(item) is false; returns them."""
-        with self._cond:
-            gone = [i for i in self._items if not keep(i)]
-            self._items = collections.deque(i for i in self._items if keep(i))
-            for i in gone:
-                self._ids.discard(i.job_id)
-            return gone
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-
-
-@dataclass
-class Running:
-    item: Item
-    started: float
-    last_progress: float
-    step: int = 0
-    total: int = 0
-    eta: float | None = None  # seconds left, as the engine estimated at last_progress
-
-    def seconds_left(self, now: float) -> float | None:
-        return None if self.eta is None else max(0.0, self.eta - (now - self.last_progress))
-
-
-class Stats:
-    """Seconds spent per stage and counters, for status lines and the benchmark."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = collections.defaultdict(float)
-        self.counts: dict[str, int] = collections.defaultdict(int)
+        self._pictures: dict[tuple, object] = {}
         self._lock = threading.Lock()
 
-    def add(self, stage: str, seconds: float, n: int = 1) -> None:
-        with self._lock:
-            self.seconds[stage] += seconds
-            self.counts[stage] += n
+    def __call__(self, rule: Rule) -> list:
+        from nst_core.images import load_image
 
-    def count(self, name: str, n: int = 1) -> None:
-        with self._lock:
-            self.counts[name] += n
-
-    def timed(self, stage: str):
-        return _Timed(self, stage)
-
-    def snapshot(self) -> dict:
-        with self._lock:
-            return {"seconds": dict(self.seconds), "counts": dict(self.counts)}
-
-
-class _Timed:
-    def __init__(self, stats: Stats, stage: str):
-        self.stats, self.stage = stats, stage
-
-    def __enter__(self):
-        self.t = time.perf_counter()
-
-    def __exit__(self, *exc):
-        self.stats.add(self.stage, time.perf_counter() - self.t)
+        out = []
+        for p in rule.styles:
+            try:
+                st = os.stat(p)
+            except OSError as e:
+                raise RuleError(f"rule {rule.name}: style image {p}: {e.strerror or e}") from None
+            key = (str(p), st.st_size, st.st_mtime_ns)
+            with self._lock:
+                pic = self._pictures.get(key)
+            if pic is None:
+                try:
+                    pic = load_image(p)
+                except NSTError as e:
+                    raise RuleError(f"rule {rule.name}: style image: {e.message}") from None
+                with self._lock:
+                    self._pictures[key] = pic
+            out.append(pic)
+        return out
 
 
 class Requeue(Exception):
@@ -173,20 +100,14 @@ class Requeue(Exception):
         self.wait, self.st = wait, st
 
 
-class FolderProblem(NSTError):
-    """A folder the daemon writes to cannot be used (full, read-only, a link): the rule waits."""
-
-    kind = "folder"
-
-
-class Worker(threading.Thread):
+class FolderWorker(threading.Thread):
     """Takes items from the queue and runs them, one at a time, through the shared Scheduler."""
 
-    def __init__(self, ctx, index: int):
+    def __init__(self, ctx: FolderContext, index: int):
         super().__init__(name=f"nst-folder-{index}", daemon=True)
         self.ctx = ctx
         self.index = index
-        self._reserved: Path | None = None  # the output name this worker holds (ctx.reserved)
+        self._reserved: Path | None = None  # the output name this worker holds (ctx.names)
         self._out_fd: int | None = None  # the output folder of the running job, opened without links
 
     def run(self) -> None:
@@ -196,7 +117,7 @@ class Worker(threading.Thread):
             if item is None:
                 continue
             try:
-                self.process(item)
+                self.take(item)
             except Exception:  # never let one job end the worker
                 log.exception("job %d (%s): unexpected error", item.job_id, item.path)
             finally:
@@ -205,26 +126,28 @@ class Worker(threading.Thread):
                 ctx.changed()
 
     # -- one job --
-    def process(self, item: Item) -> None:
+    def take(self, item: Item) -> None:
+        """Run the queued job `item` unless it is stale; settle its outcome in the journal and the folders."""
         ctx = self.ctx
         journal = ctx.journal
-        rule = ctx.config.rule(item.rule)
+        config = ctx.config()
+        rule = config.rule(item.rule)
         job = journal.get(item.job_id)
         if job is None or job.state != "queued":
             return  # done meanwhile, or taken by another instance
         if rule is None or rule.version != item.version or item.root not in rule.watch:
             journal.forget(job.id)  # the rule changed before the job ran: found again under the new one
-            ctx.rediscover(item.path)
+            ctx.look_again(item.path, 0.0, None)
             return
-        if ctx.blocked_reason(rule.name):
+        if rule.name in ctx.blocks:
             return  # stays queued in the journal; the next scan brings it back
         ident = Identity.at(item.path)
         if not job.same_input(item.path, ident):
             journal.forget(job.id)
             if ident is not None:
-                ctx.rediscover(item.path)  # rewritten since it settled: settle again
+                ctx.look_again(item.path, 0.0, None)  # rewritten since it settled: settle again
             return
-        if job.attempts >= ctx.config.settings.max_attempts:
+        if job.attempts >= config.settings.max_attempts:
             message = (f"gave up after {job.attempts} attempts: the daemon stopped while running this job each time "
                        "(a crash, the watchdog or the out-of-memory killer)")
             if journal.give_up(job.id, {"kind": "crashed", "message": message}):
@@ -239,19 +162,19 @@ class Worker(threading.Thread):
         ctx.running[self.index] = Running(item, now, now, 0, rule.params.iterations)
         ctx.changed()
         try:
-            self.run_job(job, item, rule)
+            self.run_rule_job(job, item, rule)
         except Requeue as r:
             journal.requeue(job.id, count_attempt=r.count_attempt)
             if r.wait is not None:
                 journal.forget(job.id)  # found again, and hashed again, when it is looked at next
-                ctx.defer(item, r.wait, r.st)
+                ctx.look_again(item.path, r.wait, r.st)
                 log.info("%s: %s; looked at again in %.1f s", item.path, r, r.wait)
             else:
                 log.info("%s: %s; queued again", item.path, r)
         except NSTError as e:
-            if _environmental(e):
+            if machine_problem(e):
                 journal.requeue(job.id)
-                ctx.block(rule.name, e.message)
+                ctx.blocks.block(rule.name, e.message)
             else:
                 self.fail(job, item, rule, e.to_mapping())
         except Exception as e:  # a bug; the daemon keeps going and the file says why
@@ -260,7 +183,8 @@ class Worker(threading.Thread):
         finally:
             self._release()
 
-    def run_job(self, job: Job, item: Item, rule: Rule) -> None:
+    def run_rule_job(self, job: Job, item: Item, rule: Rule) -> None:
+        """The claimed job's steps, from decoding the input to moving it (the module's docstring)."""
         ctx = self.ctx
         stats = ctx.stats
         with stats.timed("load"):
@@ -275,13 +199,9 @@ class Worker(threading.Thread):
         self.check_room(target, picture, rule)
         styles = ctx.styles(rule)
         t0 = time.perf_counter()
-        result = self.stylize(picture, styles, rule, item)
+        result = self.submit_and_wait(picture, styles, rule, item)
         stats.add("engine", time.perf_counter() - t0)
-        meta = {"Software": f"neural-style nst-daemon ({ctx.server_name})", "nst-rule": rule.name,
-                "nst-rule-version": rule.version, "nst-source": show(item.path.name),
-                "nst-params": json.dumps(rule.params.to_mapping(), sort_keys=True, default=str)}
-        if getattr(result, "weights_note", None):
-            meta["nst-weights-note"] = result.weights_note
+        meta = metadata(result, "nst-daemon", rule=rule.name, rule_version=rule.version, source=show(item.path.name))
         with stats.timed("write"):
             target = self.write(job, item, rule, result.picture, target, meta)
         if target is None:
@@ -349,16 +269,21 @@ class Worker(threading.Thread):
         except OSError as e:
             raise folder_problem(place.path, e) from None
         fd = self._out_fd
-        target = place.path / fit_name(name, _name_max(fd))
+        target = place.path / fit_name(name, name_max(fd))
         check_output_path(fd_path(fd, target.name))  # ImageError for an extension no encoder writes
-        with ctx.names_lock:
+        if rule.on_collision == "overwrite":  # (a style image in the output folder, named as an output would be)
+            try:
+                refuse_inputs(fd_path(fd, target.name), [item.path, *rule.styles])
+            except ImageError as e:
+                raise _renamed(e, fd_path(fd, target.name), target) from None
+        with ctx.names.lock:
             if rule.on_collision == "skip" and safefs.exists(fd, target.name):
                 ctx.journal.done(job.id, None, note=f"skipped: {show(target)} exists")
                 log.info("%s: %s exists; skipped (on_collision: skip)", item.path, target)
                 self.finish_input(ctx.journal.get(job.id), item, rule, ok=True)
                 return None
             if rule.on_collision == "number":
-                target = free_name(target, ctx.reserved, fd)
+                target = free_name(target, ctx.names.held, fd)
             self._reserve(target)
             with ctx.stats.timed("journal"):
                 ctx.journal.set_output(job.id, target, _identity_at(fd, target.name))
@@ -386,9 +311,9 @@ class Worker(threading.Thread):
             raise FolderProblem(f"the output folder {show(target.parent)} is full ({free:,} bytes free, an output of "
                                 f"{w}×{h} needs up to {need:,})")
 
-    def stylize(self, picture, styles, rule: Rule, item: Item):
-        from nst_core.service.scheduler import QueueFull, ServiceStopping
-
+    def submit_and_wait(self, picture, styles, rule: Rule, item: Item):
+        """The engine's Result, through the Scheduler (batch priority); a stop cancels a job that
+        cannot end within stop_timeout, and a stopped job is a Requeue."""
         ctx = self.ctx
         running = ctx.running[self.index]
 
@@ -411,7 +336,7 @@ class Worker(threading.Thread):
         while True:
             if ctx.stopping.is_set() and not cancelled_for_stop:
                 now = time.monotonic()
-                left, needs = ctx.stop_deadline - now, running.seconds_left(now)
+                left, needs = ctx.stop_deadline() - now, running.seconds_left(now)
                 if left <= 0:
                     log.warning("%s: not finished within stop_timeout; cancelling it", item.path)
                 elif needs is not None and needs > left:
@@ -449,24 +374,24 @@ class Worker(threading.Thread):
                     ctx.journal.done(job.id, None, note=f"skipped: {show(target)} exists")
                     self.finish_input(ctx.journal.get(job.id), item, rule, ok=True)
                     return None
-                with ctx.names_lock:
-                    target = free_name(target, ctx.reserved, fd)
+                with ctx.names.lock:
+                    target = free_name(target, ctx.names.held, fd)
                     self._reserve(target)
                     ctx.journal.set_output(job.id, target, None)
         raise ImageError(target, "no free output name")
 
     def _reserve(self, target: Path) -> None:
-        """Hold `target` against other workers (call with ctx.names_lock held)."""
+        """Hold `target` against other workers (call with ctx.names.lock held)."""
         if self._reserved is not None:
-            self.ctx.reserved.discard(self._reserved)
+            self.ctx.names.held.discard(self._reserved)
         self._reserved = target
-        self.ctx.reserved.add(target)
+        self.ctx.names.held.add(target)
 
     def _release(self) -> None:
         """Give up the output name and folder of the job that ended (done, failed, waiting or stopped)."""
         if self._reserved is not None:
-            with self.ctx.names_lock:
-                self.ctx.reserved.discard(self._reserved)
+            with self.ctx.names.lock:
+                self.ctx.names.held.discard(self._reserved)
             self._reserved = None
         if self._out_fd is not None:
             os.close(self._out_fd)
@@ -483,176 +408,11 @@ class Worker(threading.Thread):
         finish_input(self.ctx, job, item, rule, ok)
 
 
-def finish_input(ctx, job: Job, item: Item, rule: Rule, ok: bool) -> None:
-    """Move the input to processed/ or failed/ (failures get a sidecar first); idempotent after a crash.
-
-    A success removes the sidecar of an earlier failure of the same input. A link where one of
-    those folders should be blocks the rule (ctx.block): nothing is moved through it.
-    """
-    t0 = time.perf_counter()
-    try:
-        if ok and job.sidecar:
-            _remove_sidecar(ctx, job, rule, item.root, Path(job.sidecar))
-        if ok and not rule.keep_inputs:  # the error file of this name whose input left failed/ (moved back)
-            failed = _failed_place(rule, item.root, item.path).path
-            if not os.path.lexists(failed / item.path.name):
-                _remove_sidecar(ctx, job, rule, item.root, failed / sidecar_name(item.path.name))
-        if rule.keep_inputs:
-            folder = _failed_place(rule, item.root, item.path)
-            if ok:
-                _remove_sidecar(ctx, job, rule, item.root, folder.path / sidecar_name(item.path.name))
-            else:
-                side = write_sidecar(folder, item.path.name, job, item, rule)
-                ctx.journal.set_sidecar(job.id, side)
-            return
-        dest = Path(job.dest_path) if job.dest_path else None
-        folder = (_processed_place if ok else _failed_place)(rule, item.root, item.path)
-        if dest is not None and dest.parent != folder.path:
-            dest = None  # decided under another configuration
-        dfd = folder.open(create=True)
-        try:
-            if dest is None:
-                dest = folder.path / free_name(folder.path / item.path.name, set(), dfd).name
-                ctx.journal.set_dest(job.id, dest)
-            if not ok:
-                side = write_sidecar(folder, dest.name, job, item, rule, dfd)
-                ctx.journal.set_sidecar(job.id, side)
-            if os.path.lexists(item.path) and Identity.at(item.path) == job.input:
-                src = Place.under(item.root, item.path.parent).open()
-                try:
-                    safefs.move(src, item.path.name, dfd, dest.name)
-                finally:
-                    os.close(src)
-                ctx.journal.moved(job.id, dest)
-        finally:
-            os.close(dfd)
-    except LinkRefused as e:
-        ctx.block(rule.name, folder_problem(e.path, e).message)
-    except OSError as e:
-        log.error("%s: cannot move it to %s: %s (tried again at the next scan)",
-                  item.path, "processed" if ok else "failed", e)
-    finally:
-        ctx.stats.add("move", time.perf_counter() - t0)
-
-
-def move_duplicate(ctx, item: Item, rule: Rule) -> Path:
-    """Move an input whose content was done already to processed/ (OSError, LinkRefused as they come)."""
-    folder = _processed_place(rule, item.root, item.path)
-    dfd = folder.open(create=True)
-    try:
-        dest = folder.path / free_name(folder.path / item.path.name, set(), dfd).name
-        src = Place.under(item.root, item.path.parent).open()
-        try:
-            safefs.move(src, item.path.name, dfd, dest.name)
-        finally:
-            os.close(src)
-        return dest
-    finally:
-        os.close(dfd)
-
-
-def _processed_place(rule: Rule, root: Path, path: Path) -> Place:
-    return Place.under(root, rule.processed_dir(root)).child(*_relative(path, root).parts[:-1])
-
-
-def _failed_place(rule: Rule, root: Path, path: Path) -> Place:
-    return Place.under(root, rule.failed_dir(root)).child(*_relative(path, root).parts[:-1])
-
-
-def sidecar_name(name: str, limit: int = 255) -> str:
-    """<input name>.error.json, shortened to fit the name limit."""
-    return fit_name(name, limit, SIDECAR_SUFFIX)
-
-
-def write_sidecar(folder: Place, name: str, job: Job, item: Item, rule: Rule, dfd: int | None = None) -> Path:
-    """<name>.error.json in `folder`: what failed and why, written atomically; returns its path."""
-    from nst_core.images import atomic_write
-
-    error = dict(job.error or {"kind": "unknown", "message": "unknown error"})
-    error = {k: show(v) if isinstance(v, str) else v for k, v in error.items()}
-    data = {
-        "input": show(item.path),
-        "rule": rule.name,
-        "rule_version": rule.version,
-        "error": error,
-        "message": error.get("message", "unknown error"),
-        "attempts": job.attempts,
-        "content_sha256": job.content_hash if len(job.content_hash) == 64 else None,
-        "time": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-    }
-    text = (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-    own = dfd is None
-    if own:
-        dfd = folder.open(create=True)
-    try:
-        side = sidecar_name(name, _name_max(dfd))
-        try:
-            atomic_write(fd_path(dfd, side), lambda f: f.write(text))
-        except ImageError as e:
-            raise OSError(f"cannot write {show(folder.path / side)}: {_renamed(e, fd_path(dfd, side), folder.path / side).message}") from None
-    finally:
-        if own:
-            os.close(dfd)
-    return folder.path / side
-
-
-def _remove_sidecar(ctx, job: Job, rule: Rule, root: Path, side: Path) -> None:
-    """Remove the error file of an earlier failure (reached without links); forget it in the journal."""
-    base = Place.under(root, rule.failed_dir(root))
-    try:
-        rel = side.parent.relative_to(base.path)
-    except ValueError:
-        rel = None
-    if rel is not None:
-        try:
-            dfd = base.child(*rel.parts).open()
-        except OSError:
-            dfd = None
-        if dfd is not None:
-            try:
-                os.unlink(side.name, dir_fd=dfd)
-                log.info("%s: removed %s, the error of an earlier attempt", job.in_path, side)
-            except FileNotFoundError:
-                pass
-            finally:
-                os.close(dfd)
-    if job.sidecar:
-        ctx.journal.set_sidecar(job.id, None)
-
-
-def free_name(path: Path, reserved: set, dir_fd: int | None = None) -> Path:
-    """path, or path with -1, -2, … before the extension: the first name that is neither taken nor reserved.
-
-    Names are shortened to fit the file system's limit; with `dir_fd` (path's folder, open) names are
-    looked up in that folder without following links."""
-    limit = _name_max(dir_fd if dir_fd is not None else path.parent)
-    n = 0
-    while True:
-        p = path.with_name(numbered(path.name, n, limit))
-        taken = safefs.exists(dir_fd, p.name) if dir_fd is not None else os.path.lexists(p)
-        if not taken and p not in reserved:
-            return p
-        n += 1
-
-
-def _name_max(folder) -> int:
-    from nst_core.images import name_max
-
-    return name_max(folder)
-
-
 def _identity_at(dir_fd: int, name: str) -> Identity | None:
     try:
         return Identity.of(os.lstat(name, dir_fd=dir_fd))
     except OSError:
         return None
-
-
-def _relative(path: Path, root: Path) -> Path:
-    try:
-        return path.relative_to(root)
-    except ValueError:
-        return Path(path.name)
 
 
 def _renamed(e: ImageError, shown: Path, real: Path) -> ImageError:
@@ -664,14 +424,7 @@ def _renamed(e: ImageError, shown: Path, real: Path) -> ImageError:
     return ImageError(real, message.replace(str(shown), str(real)))
 
 
-def folder_problem(folder: Path, e: OSError) -> FolderProblem:
-    if isinstance(e, LinkRefused):
-        return FolderProblem(f"{show(e.path)} {e.what} (remove it; to keep files on another disk, configure "
-                             "that folder's real path)")
-    return FolderProblem(f"cannot write in {show(folder)} ({e.strerror or e})")
-
-
-def _environmental(e: NSTError) -> bool:
+def machine_problem(e: NSTError) -> bool:
     """Errors of the machine, not of the input: the job waits instead of failing."""
     return (isinstance(e, (WeightsError, FolderProblem)) or e.kind == "rule"
             or (isinstance(e, DeviceError) and not isinstance(e, OutOfMemory)))

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 PLUGIN_NAME = "neural-style"
@@ -71,16 +70,10 @@ def _targets(dest) -> list[Path]:
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:
-    """Write atomically (a temporary file, then rename), so an upgrade never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write atomically (outputs.atomic_write), so an upgrade never leaves half a file."""
+    from nst_core.outputs import atomic_write
+
+    atomic_write(path, lambda f: f.write(data), mode=mode)
 
 
 def install(dest=None, python: str | None = None, socket: str | None = None, out=None) -> list[Path]:

@@ -78,10 +78,10 @@ def _add_param_options(parser: argparse.ArgumentParser) -> None:
         if "(default:" not in text:  # style_blend and learning_rate say their default in words
             text = f"{text} (default: {shown})"
         kwargs = {"dest": f.name, "default": None, "help": text}
-        if f.type == "bool":
+        if params_mod.value_type(f.name) is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            kwargs["metavar"] = _metavar(f.name, f.type)
+            kwargs["metavar"] = _metavar(f.name)
         group.add_argument(flag, **kwargs)
         if f.name == "content_weight":
             group.add_argument("--ratio", type=float, default=None, metavar="A/B",
@@ -106,8 +106,8 @@ _METAVARS = {
 }
 
 
-def _metavar(name: str, type_: str) -> str:
-    return _METAVARS.get(name) or {"int": "N", "float": "X", "float | None": "X"}.get(type_, "VALUE")
+def _metavar(name: str) -> str:
+    return _METAVARS.get(name) or {int: "N", float: "X"}.get(params_mod.value_type(name), "VALUE")
 
 
 def params_from_args(args: argparse.Namespace) -> StyleParams:
@@ -132,13 +132,14 @@ def _int_option(name, value):
 
 def cmd_stylize(args) -> int:
     params = params_from_args(args)  # before torch loads, so that a bad option is reported at once
-    from . import engine, images
+    from . import engine, images, outputs
 
     out = Path(args.output)
     inputs = [Path(args.content), *map(Path, args.styles)]
     if params.init not in params_mod.INITS:
         inputs.append(Path(params.init))
-    _check_output(out, inputs)
+    images.check_output_path(out)
+    outputs.refuse_inputs(out, inputs)
     if args.save_every < 0:
         raise ParamError("save_every", "must be 0 or more")
     _check_save_every(out, inputs, args.save_every, params.iterations)
@@ -157,18 +158,9 @@ def cmd_stylize(args) -> int:
         print("nst: interrupted; nothing written", file=sys.stderr)
         return 130
     report.finish()
-    images.save_image(result.picture, out, metadata=_metadata(result))
+    images.save_image(result.picture, out, metadata=outputs.metadata(result, "nst stylize"))
     report.done(result, out)
     return EXIT_OK
-
-
-def _check_output(out: Path, inputs: list[Path]) -> None:
-    from . import images
-
-    images.check_output_path(out)
-    for path in inputs:
-        if out.exists() and path.exists() and os.path.samefile(out, path):
-            raise ImageError(out, "is one of the input images; refusing to overwrite an input")
 
 
 def _step_path(out: Path, step: int) -> Path:
@@ -178,13 +170,13 @@ def _step_path(out: Path, step: int) -> Path:
 
 def _check_save_every(out: Path, inputs: list[Path], every: int, total: int) -> None:
     """Before the run: every name --save-every will write fits the file system and is none of the inputs."""
-    from . import images
+    from .outputs import name_max
 
     steps = range(every, total, every) if every else range(0)
     if not steps:
         return
     longest = _step_path(out, steps[-1])
-    size, limit = len(os.fsencode(longest.name)), images.name_max(longest.parent)
+    size, limit = len(os.fsencode(longest.name)), name_max(longest.parent)
     if size > limit:
         raise ImageError(longest, f"the file name is {size} bytes long, the file system allows at most {limit}: "
                                   "a name --save-every would write; choose a shorter output name")
@@ -207,13 +199,6 @@ def _check_save_every(out: Path, inputs: list[Path], every: int, total: int) -> 
                     else f"the same file as the input {str(source)!r}")
             raise ImageError(target, f"is {what}; --save-every would overwrite it at step {step}: "
                                      "choose another output name")
-
-
-def _metadata(result) -> dict:
-    meta = {"nst:weights": result.weights_label, "nst:params": json.dumps(result.params.to_mapping())}
-    if result.weights_note:
-        meta["nst:note"] = result.weights_note
-    return meta
 
 
 class _Reporter:
@@ -300,6 +285,9 @@ def _run(args) -> int:
 
 
 def main(argv=None) -> int:
+    from .runtime import prepare_process
+
+    prepare_process()  # before anything loads torch
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

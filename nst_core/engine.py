@@ -112,9 +112,6 @@ class Session:
             }
 
 
-_default_session = Session()
-
-
 def stylize(
     content: Picture | str | Path,
     styles: Sequence[Picture | str | Path],
@@ -126,11 +123,12 @@ def stylize(
     """Stylise `content` with `styles` under `params` (Gatys et al. 2016, with the 2017 controls).
 
     `progress` is called after every optimiser step; setting `cancel` (an Event, or a callable
-    returning True) makes this raise `Cancelled` within one step. Raises `NSTError`s for bad
-    input, missing weights, absent devices and GPU out-of-memory.
+    returning True) makes this raise `Cancelled` within one step. `session` keeps networks and
+    style targets warm for later calls; without one, nothing outlives the call. Raises `NSTError`s
+    for bad input, missing weights, absent devices and GPU out-of-memory.
     """
     started = time.perf_counter()
-    session = session or _default_session
+    session = session or Session()  # released when this call returns
     is_cancelled = _cancel_check(cancel)
     content = content if isinstance(content, Picture) else load_image(content)
     styles = [s if isinstance(s, Picture) else load_image(s) for s in styles]
@@ -185,7 +183,6 @@ class _Run:
         self.style_layers = {k: w for k, w in params.style_layers.items() if w > 0} if params.style_weight > 0 else {}
         self.last_losses = {"total": 0.0, "content": 0.0, "style": 0.0, "tv": 0.0}
         self.step = 0
-        self.level_rate: list[float] = []
 
     # ---- images at a level ----------------------------------------------------------------------
 
@@ -256,7 +253,6 @@ class _Run:
             if li == len(self.levels) - 1:
                 h, w = self.out_h, self.out_w
             content_rgb = self._content_at(h, w)
-            self.level_content = content_rgb
             x = self._initial(h, w) if x is None else resize(x.detach(), h, w)
             x = self._level(x, content_rgb, side, iters, li)
         return x.detach()

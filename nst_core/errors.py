@@ -2,7 +2,10 @@
 
 `NSTError` and its subclasses carry a message meant for a person (it names the file or field and
 the problem) and the exit code the `nst` command uses for it. Anything else is a bug (exit 1).
+The job service's own errors are here too; their `kind` is what a client reads (docs/PROTOCOL.md).
 """
+
+from __future__ import annotations
 
 
 class NSTError(Exception):
@@ -67,3 +70,50 @@ class Cancelled(NSTError):
 
     kind = "cancelled"
     exit_code = 130
+
+
+# ---- the job service ------------------------------------------------------------------------------
+
+class ProtocolError(NSTError):
+    """A request that does not follow docs/PROTOCOL.md."""
+
+    kind = "protocol"
+
+    def __init__(self, field: str | None, message: str):
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field = field
+
+    def to_mapping(self) -> dict:
+        m = super().to_mapping()
+        if self.field:
+            m["field"] = self.field
+        return m
+
+
+class Busy(NSTError):
+    """The service cannot take this request now (its memory budget or its connections are used up)."""
+
+    kind = "busy"
+
+
+class QueueFull(Busy):
+    """The bounded job queue is full."""
+
+
+class ServiceStopping(NSTError):
+    """The service is shutting down; the job did not run (or was stopped)."""
+
+    kind = "unavailable"
+
+
+class ServiceSetupError(NSTError):
+    """The service cannot listen where, or as, it was asked to."""
+
+    kind = "service"
+
+
+class InternalError(NSTError):
+    """A bug in the service or the engine, reported to the client instead of a dead service."""
+
+    kind = "internal"
+    exit_code = 1

@@ -10,8 +10,8 @@ which yields the low bytes (for grey+alpha, the second pass copies the bytes as 
 keeps PNG decoding in Pillow's C code; the tests check the result against PNG files written byte by
 byte. This relies on Pillow's unpacker names, hence the pin below its next major version.
 
-Saving (`save_image`) is atomic: a hidden temporary file in the target folder, fsync, rename, fsync
-of the folder. TIFF is written by tifffile (8 or 16 bits); 16-bit PNG by the small encoder below
+Saving (`save_image`) is atomic (`outputs.atomic_write`: a hidden temporary file in the target
+folder, fsync, rename, fsync of the folder). TIFF is written by tifffile (8 or 16 bits); 16-bit PNG by the small encoder below
 (Pillow cannot write 16-bit RGB). JPEG and BMP have no alpha: pictures with alpha are composited
 over white, as browsers and image editors flatten them.
 
@@ -20,12 +20,9 @@ Problems the user can fix are `ImageError`s that name the file and the problem.
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import io
 import os
 import re
-import secrets
 import stat
 import struct
 import sys
@@ -40,6 +37,7 @@ import tifffile
 from PIL import Image, UnidentifiedImageError
 
 from .errors import ImageError
+from .outputs import atomic_write, name_max
 
 # Largest image accepted, in pixels, checked from the header before any pixel is decoded: 8192×8192
 # (64 megapixels) covers every camera up to 61 MP and stays below Pillow's own warning threshold
@@ -658,7 +656,20 @@ def save_image(picture: Picture, path, metadata: dict | None = None, *, overwrit
     else:
         im = _to_pil(picture, with_alpha)
         write = lambda f: _save_pil(im, f, fmt, text)  # noqa: E731
-    atomic_write(path, write, overwrite=overwrite)
+    try:
+        atomic_write(path, write, overwrite=overwrite)
+    except ImageError:
+        raise
+    except FileExistsError as e:
+        if e.filename != str(path):
+            raise ImageError(path, f"cannot write in {str(path.parent)!r} ({e.strerror or e})") from None
+        raise ImageError(path, "already exists (and overwriting was not asked for)") from None
+    except OSError as e:  # the daemon reads e from the ImageError's __context__
+        if e.filename == str(path.parent):
+            raise ImageError(path, f"cannot write in {str(path.parent)!r} ({e.strerror or e})") from None
+        raise ImageError(path, f"cannot write the image ({e.strerror or e})") from None
+    except Exception as e:
+        raise ImageError(path, f"cannot write the image ({type(e).__name__}: {e})") from None
 
 
 def _metadata_text(path: Path, metadata: dict | None) -> dict[str, str]:
@@ -714,135 +725,6 @@ def _write_tiff(f, planes: np.ndarray, text: dict[str, str]) -> None:
                      compression="zlib", predictor=True, description=desc or None, metadata=None,
                      software=False, resolution=None)
     f.write(buf.getbuffer())
-
-
-def atomic_write(path, write, *, overwrite: bool = True) -> None:
-    """Call ``write(f)`` on a hidden temporary file beside `path` (see `temporary_name`), then fsync
-    it and rename it to `path`: the file appears whole or not at all. With ``overwrite=False`` an
-    existing `path` is an error. Failures are `ImageError`s naming `path`; the temporary is removed."""
-    path = Path(path)
-    folder = path.parent
-    try:
-        fd, tmp = _create_temporary(path)
-    except OSError as e:
-        raise ImageError(path, f"cannot write in {str(folder)!r} ({e.strerror or e})") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-            os.fchmod(f.fileno(), _new_file_mode(path))
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            _link_exclusive(tmp, path)
-        _fsync_dir(folder)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if isinstance(e, ImageError) or not isinstance(e, Exception):
-            raise
-        if isinstance(e, OSError):
-            raise ImageError(path, f"cannot write the image ({e.strerror or e})") from None
-        raise ImageError(path, f"cannot write the image ({type(e).__name__}: {e})") from None
-
-
-def name_max(folder) -> int:
-    """The longest file name, in bytes, that the file system holding `folder` allows (255 if unknown)."""
-    try:
-        return os.pathconf(folder, "PC_NAME_MAX")
-    except (OSError, ValueError):
-        return 255
-
-
-_TEMP_RANDOM = 12  # hex digits of randomness in a temporary name
-
-
-def temporary_name(path) -> str:
-    """A hidden name for a temporary file beside `path`: ``.<name>.<hash>-<random>.tmp``, where the
-    name is shortened (at a character boundary) so that the whole fits the folder's NAME_MAX
-    whatever the length of `path`'s name, and the hash of the full name keeps two names that
-    differ only past the cut apart. Creating it with O_EXCL (as `atomic_write` does) makes it unique."""
-    return _temporary_prefix(Path(path)) + secrets.token_hex(_TEMP_RANDOM // 2) + ".tmp"
-
-
-def temporary_files(path) -> list[Path]:
-    """The temporary files beside `path` that writes to it left behind (a process killed while writing)."""
-    path = Path(path)
-    pattern = re.compile(re.escape(_temporary_prefix(path)) + f"[0-9a-f]{{{_TEMP_RANDOM}}}\\.tmp")
-    try:
-        names = os.listdir(path.parent)
-    except OSError:
-        return []
-    return sorted(path.parent / n for n in names if pattern.fullmatch(n))
-
-
-def _temporary_prefix(path: Path) -> str:
-    name = path.name
-    digest = hashlib.blake2s(os.fsencode(name), digest_size=4).hexdigest()
-    room = name_max(path.parent) - len(f"..{digest}-.tmp") - _TEMP_RANDOM
-    head = name
-    while head and len(os.fsencode(head)) > room:
-        head = head[:-1]
-    return f".{head}.{digest}-"
-
-
-def _create_temporary(path: Path) -> tuple[int, Path]:
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
-    for _ in range(100):
-        tmp = path.parent / temporary_name(path)
-        try:
-            return os.open(tmp, flags, 0o600), tmp
-        except FileExistsError:
-            continue
-    raise FileExistsError(errno.EEXIST, "no free temporary name", str(path.parent))
-
-
-def _link_exclusive(tmp: str, path: Path) -> None:
-    """Move tmp to path unless path exists, without a window in which another file could be replaced."""
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        raise ImageError(path, "already exists (and overwriting was not asked for)") from None
-    except OSError:  # a filesystem without hard links
-        if os.path.lexists(path):
-            raise ImageError(path, "already exists (and overwriting was not asked for)") from None
-        os.replace(tmp, path)
-        return
-    os.unlink(tmp)
-
-
-def _new_file_mode(path: Path) -> int:
-    """The mode of the file being replaced, or 0666 less the umask (not the temporary's 0600)."""
-    try:
-        return stat.S_IMODE(os.stat(path).st_mode)
-    except OSError:
-        pass
-    umask = 0o022
-    try:
-        with open("/proc/self/status") as s:
-            for line in s:
-                if line.startswith("Umask:"):
-                    umask = int(line.split()[1], 8)
-                    break
-    except (OSError, ValueError):
-        pass
-    return 0o666 & ~umask
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems cannot sync a folder; the rename itself is still atomic
-    finally:
-        os.close(fd)
 
 
 # ---- 16-bit PNG encoder (Pillow writes 16-bit grey only) ------------------------------------------

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
+import typing
+from collections.abc import Mapping as AbcMapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
@@ -283,37 +286,50 @@ def _layer_map(name: str, value: Any) -> _LayerMap:
     return out
 
 
-_FIELD_TYPES = {f.name: f.type for f in fields(StyleParams)}
+_HINTS = typing.get_type_hints(StyleParams)
+
+
+def value_type(name: str) -> Any:
+    """The type of a field's values, with None taken out (``float | None`` → float)."""
+    hint = _HINTS[name]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        rest = [a for a in typing.get_args(hint) if a is not type(None)]
+        return rest[0] if len(rest) == 1 else hint
+    return hint
+
+
+def accepts_none(name: str) -> bool:
+    """Whether the field may be None (its type hint says ``| None``)."""
+    return type(None) in typing.get_args(_HINTS[name])
 
 
 def _coerce(name: str, value: Any) -> Any:
-    """Accept what YAML/JSON produce for each field; reject the rest with a ParamError."""
-    if name in ("content_layers", "style_layers"):
+    """Accept what YAML/JSON produce for each field, by its type hint; reject the rest with a ParamError."""
+    if value is None and accepts_none(name):
+        return None
+    kind = value_type(name)
+    origin = typing.get_origin(kind) or kind
+    if origin is AbcMapping:  # the layer maps
         return _layer_map(name, value)
-    if name == "style_blend":
-        if value is None:
-            return None
+    if origin is tuple:  # style_blend: numbers, or "0.7,0.3"
         if isinstance(value, str):
             value = [v for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise ParamError(name, f"must be a list of numbers, got {type(value).__name__}")
         return tuple(_coerce_float(name, v) for v in value)
-    if name == "learning_rate" and value is None:
-        return None
-    t = _FIELD_TYPES[name]
-    if t == "int":
+    if kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 return int(value)
             raise ParamError(name, f"must be a whole number, got {value!r}")
         return value
-    if t in ("float", "float | None"):
+    if kind is float:
         return _coerce_float(name, value)
-    if t == "bool":
+    if kind is bool:
         if not isinstance(value, bool):
             raise ParamError(name, f"must be true or false, got {value!r}")
         return value
-    if t == "str":
+    if kind is str:
         if not isinstance(value, str):
             raise ParamError(name, f"must be a string, got {value!r}")
         return value

@@ -37,7 +37,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 import urllib.parse
 import urllib.request
@@ -49,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ParamError, WeightsError
+from .outputs import atomic_write
 from .params import POOLINGS, VGG19_LAYERS, StyleParams
 from .vgg import VGGFeatures, conv_names, state_dict_key
 
@@ -200,13 +200,15 @@ def _where_to_get(url: str, path: Path, reason: str) -> str:
 
 
 def download(url: str, dest: Path, sha256_prefix: str, progress: bool | Callable = False) -> None:
-    """Fetch `url` into `dest` through a temp file in the same folder, renamed only once verified."""
+    """Fetch `url` into `dest` (outputs.atomic_write: a temporary file in the same folder), renamed
+    only once verified."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".partial")
     digest = hashlib.sha256()
     report, done = None, 0
-    try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as r:
+
+    def fetch(f) -> None:
+        nonlocal report, done
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as r:
             length = r.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
             report = _progress_reporter(progress, dest.name, total)
@@ -223,13 +225,14 @@ def download(url: str, dest: Path, sha256_prefix: str, progress: bool | Callable
             raise WeightsError(
                 f"the downloaded file's SHA-256 {actual[:16]}… does not start with {sha256_prefix}; nothing was kept"
             )
-        os.replace(tmp, dest)
+
+    try:
+        atomic_write(dest, fetch)
     except BaseException:
         if report is not None:
             report(done, final=True)  # end the progress line before the error is shown
-        Path(tmp).unlink(missing_ok=True)
         raise
-    _remember_sha256(dest, actual)
+    _remember_sha256(dest, digest.hexdigest())
 
 
 def _progress_reporter(progress, name: str, total: int | None):
@@ -298,21 +301,10 @@ def _remember_sha256(path: Path, sha256: str, st: os.stat_result | None = None) 
     memo = {p: v for p, v in _read_memo().items() if os.path.exists(p)}
     memo[str(path)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256}
     try:
-        _atomic_write(_memo_path(), json.dumps(memo, indent=1).encode())
+        _memo_path().parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(_memo_path(), lambda f: f.write(json.dumps(memo, indent=1).encode()))
     except OSError:
         pass  # a read-only cache only costs a rehash next time
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---- state dicts --------------------------------------------------------------------------------
@@ -449,7 +441,8 @@ def normalization_scales(state: Mapping[str, torch.Tensor], pooling: str, key: s
     try:
         buf = io.BytesIO()
         torch.save({"key": key, "pooling": pooling, "calibration": calib, "scales": scales}, buf)
-        _atomic_write(path, buf.getvalue())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda f: f.write(buf.getbuffer()))
     except OSError:
         pass  # unwritable cache: recomputed next time
     return scales

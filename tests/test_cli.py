@@ -416,3 +416,28 @@ def test_interrupted_run_writes_nothing(env, content, style, out_dir):
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     assert list(out_dir.iterdir()) == []
+
+
+def test_importing_nst_core_changes_no_environment_and_the_entry_points_set_the_openmp_policy(env, tmp_path):
+    """The OpenMP wait policy is the entry points' (nst, nst-daemon, the service process, which is
+    `nst serve`); a program that imports the engine keeps its environment, and a value set wins."""
+    clean = {k: v for k, v in env.items() if k != "OMP_WAIT_POLICY"}
+    probe = ("import os, sys\n"
+             "import nst_core, nst_core.engine, nst_core.service.server, daemon.main, gimp_plugin.installer\n"
+             "print('import', os.environ.get('OMP_WAIT_POLICY'))\n"
+             "from nst_core import cli\n"
+             "cli.main(['status', '--socket', sys.argv[1]])\n"
+             "print('nst', os.environ.get('OMP_WAIT_POLICY'))\n"
+             "os.environ.pop('OMP_WAIT_POLICY')\n"
+             "daemon.main.main(['--units-dir'])\n"
+             "print('nst-daemon', os.environ.get('OMP_WAIT_POLICY'))\n")
+
+    def run(**extra):
+        return subprocess.run([sys.executable, "-c", probe, str(tmp_path / "none.sock")], cwd=REPO, text=True,
+                              env={**clean, **extra}, capture_output=True, timeout=120)
+
+    out = run().stdout.splitlines()
+    assert [line for line in out if " " in line and not line.startswith("/")] == [
+        "import None", "nst PASSIVE", "nst-daemon PASSIVE"]
+    kept = run(OMP_WAIT_POLICY="ACTIVE").stdout
+    assert "import ACTIVE" in kept and "nst ACTIVE" in kept

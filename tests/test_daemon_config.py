@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.config import ConfigError, check_template, is_ignored_name, load_config, render_template
+from daemon.config import ConfigError, load_config
+from daemon.rules import check_template, is_ignored_name, render_template
 from daemon_util import REPO, write_image
 from nst_core.params import StyleParams
 
@@ -503,3 +504,28 @@ def test_any_mangled_file_is_a_config_or_a_config_error_never_another_exception(
         except ConfigError as e:
             assert e.problems and all(str(p).startswith(str(path)) for p in e.problems)
     assert 0 < loaded < 400  # both outcomes were exercised
+
+
+def test_every_rule_key_is_read_by_the_table_and_a_wrong_value_names_its_line_and_key(folder):
+    """The rule loader is a table (RULE_FIELDS, with RULE_DEFAULTS) plus the keys read on their own;
+    every key of the table refuses a value of the wrong kind with one problem naming it."""
+    from daemon.config import REQUIRED_RULE_KEYS, RULE_DEFAULTS, RULE_FIELDS, RULE_KEYS
+
+    own = {"watch", "style", "output", "params", "rule"}  # read by their own methods
+    assert set(RULE_KEYS) == set(RULE_FIELDS) | own and set(REQUIRED_RULE_KEYS) <= own
+    assert set(RULE_FIELDS) == set(RULE_DEFAULTS) - {"params"}
+    wrong = {"strings": 5, str: 7, bool: "maybe", int: "many", object: "sometimes"}
+    for key, spec in RULE_FIELDS.items():
+        text = GOOD.replace("    output: out\n", f"    output: out\n    {key}: {wrong[spec.kind]}\n")
+        (problem,) = errors(folder, text)
+        assert "config.yaml:10:" in problem and f"rules.one.{key}: " in problem, problem
+    ok = load_config_text(folder, GOOD.replace("    output: out\n", "    output: out\n    poll: false\n"
+                                               "    exclude: []\n    processed: done\n    min_input_side: 64\n"))
+    rule = ok.rules[0]
+    assert (rule.poll, rule.exclude, rule.processed, rule.min_input_side) == ("never", (), "done", 64)
+
+
+def load_config_text(folder: Path, text: str):
+    path = folder / "config.yaml"
+    path.write_text(text)
+    return load_config(path)

@@ -15,7 +15,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -266,19 +265,20 @@ def test_a_write_that_fails_for_lack_of_space_after_the_engine_ran_is_a_folder_p
     must also count as the folder's problem, not the input's."""
     from nst_core.images import load_image
 
-    from daemon.worker import FolderProblem, Worker, _environmental
+    from daemon.jobs import OutputNames
+    from daemon.worker import FolderProblem, FolderWorker, machine_problem
 
     with tmpfs(tmp_path / "full", "64k") as folder:
         _fill(folder)
         picture = load_image(write_image(tmp_path / "p.png", 1, (200, 200)))
-        worker = Worker(SimpleNamespace(reserved=set(), names_lock=threading.Lock()), 0)
+        worker = FolderWorker(SimpleNamespace(names=OutputNames()), 0)
         worker._out_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
         try:
             with pytest.raises(FolderProblem) as e:
                 worker.write(None, None, SimpleNamespace(on_collision="number"), picture, folder / "p_r.png", {})
         finally:
             worker._release()
-        assert "No space left on device" in e.value.message and _environmental(e.value)
+        assert "No space left on device" in e.value.message and machine_problem(e.value)
         assert [p.name for p in folder.iterdir()] == ["filler.bin"]  # no temporary file left
 
 
@@ -419,7 +419,7 @@ def test_a_journal_of_schema_1_gains_the_sidecar_column(tmp_path):
     """)
     con.close()
     j = Journal(db)
-    job = j.all()[0]
+    job = j.get(1)  # the one row
     assert job.sidecar is None and job.in_path == "/in/a.png"
     j.set_sidecar(job.id, "/in/failed/a.png.error.json")
     assert j.get(job.id).sidecar == "/in/failed/a.png.error.json"
@@ -427,7 +427,7 @@ def test_a_journal_of_schema_1_gains_the_sidecar_column(tmp_path):
 
 
 def test_log_records_show_any_name_on_one_line():
-    from daemon.main import JournaldFormatter
+    from daemon.logs import JournaldFormatter
 
     f = JournaldFormatter()
     name = Path(os.fsdecode(b"/in/a\n<3>forged \xff.png"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -295,7 +296,7 @@ def test_socket_jobs_run_before_queued_folder_jobs_and_sigterm_finishes_the_curr
         d.wait_log("job j1 queued")
         client = ServiceClient(str(sock), timeout=120, client_name="test-gimp")
         content = write_image(tmp_path / "gimp.png", 50)
-        result = client.stylize(content, [tmp_path / "styles" / "style.png"],
+        result = client.run_job(content, [tmp_path / "styles" / "style.png"],
                                 {"size": 32, "iterations": 2, "weights": "random"})
         done_when_gimp_finished = len(files(tmp_path / "out"))
         assert result.width == 32 or result.height == 32
@@ -424,7 +425,8 @@ def test_restart_after_a_crash_at_each_point_of_the_write(tmp_path):
     """
     from daemon.config import file_hash, load_config
     from daemon.journal import Identity, Journal
-    from nst_core.images import load_image, save_image, temporary_name
+    from nst_core.images import load_image, save_image
+    from nst_core.outputs import temporary_name
 
     cases = ("after", "before", "overwrite")
     cfg = make_config(tmp_path, [{"rule": c, "watch": f"in-{c}", "output": f"out-{c}",
@@ -487,3 +489,36 @@ def test_restart_after_a_crash_at_each_point_of_the_write(tmp_path):
     rows = {r["rule"]: (r["state"], r["attempts"]) for r in journal_rows(tmp_path / "state" / "journal.sqlite")}
     assert rows == {"after": ("done", 1), "before": ("done", 2), "overwrite": ("done", 2), "poison": ("failed", 3),
                     "skip": ("done", 1), "number": ("done", 1)}
+
+
+# ---- outputs: the same metadata as nst stylize and the service, no input overwritten ---------------
+
+
+def test_outputs_carry_the_common_metadata_and_never_replace_a_style_image(tmp_path):
+    """The daemon writes the keys `nst stylize` and the service write (nst:params, nst:weights,
+    nst:note, Software) and its own as nst:rule, nst:rule-version, nst:source; an output named like
+    a style image that sits in the output folder fails its input instead of replacing the style."""
+    cfg = make_config(tmp_path, [{"rule": "r", "watch": "in", "output": "out", "style": "out/look.png",
+                                  "name": "{stem}.png", "on_collision": "overwrite"}])
+    style = write_image(tmp_path / "out" / "look.png", 77, (48, 48))
+    before = style.read_bytes()
+    with Daemon(cfg) as d:
+        d.start()
+        write_image(tmp_path / "in" / "photo.png", 1)
+        write_image(tmp_path / "in" / "look.png", 2)
+        wait_until(lambda: files(tmp_path / "in" / "processed") and files(tmp_path / "in" / "failed", "*.png"), 60,
+                   "one input done, one failed")
+        assert d.stop() == 0
+    assert style.read_bytes() == before
+    error = sidecar(tmp_path / "in" / "failed" / "look.png")
+    assert error["error"]["kind"] == "image" and "is one of the input images" in error["message"]
+    assert str(style) in error["message"]
+    with Image.open(tmp_path / "out" / "photo.png") as im:
+        text = dict(im.text)
+    from daemon.config import load_config
+
+    rule = load_config(cfg).rules[0]
+    assert json.loads(text["nst:params"])["size"] == 32 and "random" in text["nst:weights"]
+    assert "random" in text["nst:note"] and text["Software"].startswith("neural-style") and "nst-daemon" in text["Software"]
+    assert (text["nst:rule"], text["nst:rule-version"], text["nst:source"]) == ("r", rule.version, "photo.png")
+    assert not [k for k in text if k.startswith("nst-")]

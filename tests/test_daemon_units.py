@@ -9,7 +9,7 @@ import time
 from daemon.journal import Identity, Journal
 from daemon.notify import Notifier
 from daemon.watch import fs_type, network_fs, parse_mountinfo
-from daemon.main import JournaldFormatter
+from daemon.logs import JournaldFormatter
 
 
 def _listen(address):
@@ -135,7 +135,7 @@ def test_watchdog_is_fed_only_while_idle_or_progressing(tmp_path):
     from pathlib import Path
 
     from daemon.main import Daemon
-    from daemon.worker import Item, Running
+    from daemon.jobs import Item, Running
     from daemon_util import make_config
     from daemon.config import load_config
 
@@ -193,3 +193,75 @@ def test_check_config_quiet_prints_nothing_for_a_good_file_and_the_errors_for_a_
     cfg.write_text(cfg.read_text().replace("output: out", "output: out\n  colour: blue"))
     bad = _cli("--config", str(cfg), "--check-config", "--quiet")
     assert bad.returncode == 2 and bad.stdout == "" and ": rules.r.colour: unknown key" in bad.stderr
+
+
+def test_folder_workers_reach_the_daemon_only_through_their_context_and_modules_import_no_private_names():
+    """The folder worker and the moving of inputs use a FolderContext (typed fields), never the
+    Daemon; no daemon or nst_core module imports another one's _private names."""
+    import ast
+    import dataclasses
+    import inspect
+    from pathlib import Path
+
+    from daemon import inputs, worker
+    from daemon.jobs import FolderContext
+
+    fields = {f.name for f in dataclasses.fields(FolderContext)}
+    used = set()
+    for module in (worker, inputs):
+        for node in ast.walk(ast.parse(inspect.getsource(module))):
+            if isinstance(node, ast.Attribute):
+                base = node.value
+                if (isinstance(base, ast.Name) and base.id == "ctx") or (
+                        isinstance(base, ast.Attribute) and base.attr == "ctx"):
+                    used.add(node.attr)
+    assert used and used <= fields, used - fields
+    assert all(FolderContext.__annotations__[f] for f in fields)  # every field typed
+    root = Path(__file__).resolve().parents[1]
+    private = []
+    for path in [*root.glob("daemon/*.py"), *root.glob("nst_core/**/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith(("daemon", "nst_core"))):
+                private += [f"{path.name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+    assert private == []
+
+
+def test_the_daemons_modules_and_the_engines_import_each_other_without_a_circle():
+    """Counting imports inside functions too (config.py used to import watch.py lazily, and
+    watch.py imported config.py)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    edges: dict[str, set[str]] = {}
+    for path in [*root.glob("daemon/*.py"), *root.glob("nst_core/**/*.py")]:
+        name = ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        deps = edges.setdefault(name, set())
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = package
+                for _ in range(max(0, node.level - 1)):
+                    base = base.rpartition(".")[0]
+                target = f"{base}.{node.module}" if node.level and node.module else (base if node.level else node.module)
+                for alias in node.names:  # "from . import x" names a module
+                    deps.add(f"{target}.{alias.name}" if not node.module else target)
+            elif isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names)
+    modules = set(edges)
+    graph = {m: {d for d in deps if d in modules and d != m and not m.startswith(d + ".")} for m, deps in edges.items()}
+    state: dict[str, int] = {}
+    cycle: list[str] = []
+
+    def visit(m: str, trail: list[str]) -> bool:
+        state[m] = 1
+        for d in sorted(graph[m]):
+            if state.get(d) == 1:
+                cycle.extend(trail[trail.index(d):] + [m, d] if d in trail else [m, d])
+                return True
+            if d not in state and visit(d, trail + [m]):
+                return True
+        state[m] = 2
+        return False
+
+    assert not any(visit(m, []) for m in sorted(graph) if m not in state), " → ".join(cycle)

@@ -15,7 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from nst_core import Cancelled, ImageError, ParamError, Picture, Session, StyleParams, stylize
+import nst_core
+from nst_core import Cancelled, ImageError, ParamError, Picture, Session, StyleParams
 from nst_core import color
 from nst_core.engine import RANDOM_WEIGHTS_NOTE
 from nst_core.samples import sample_path
@@ -26,6 +27,15 @@ YIQ = torch.tensor([
     [0.596, -0.274, -0.322],
     [0.211, -0.523, 0.312],
 ], dtype=torch.float64)
+
+
+# The calls below that pass no session share this one, as a long-lived caller keeps one warm
+# (stylize without a session loads the network for that call alone).
+_SESSION = Session()
+
+
+def stylize(content, styles, params, session=None, **kwargs):
+    return nst_core.stylize(content, styles, params, session=session or _SESSION, **kwargs)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -448,6 +458,29 @@ def test_session_caches_style_targets(content, style, style2):
     stylize(content, [style2], fast(iterations=1), session=session)
     assert session.stats()["style_target_misses"] == 2
     assert session.stats()["style_target_hits"] == 1
+
+
+def test_stylize_without_a_session_keeps_no_network_once_it_returns(content, style, monkeypatch):
+    """No hidden global session: what a call loads (on a GPU, device memory) goes when it returns."""
+    import gc
+    import weakref
+
+    from nst_core import weights
+
+    loaded = []
+    real = weights.load_network
+
+    def recording(*args, **kwargs):
+        net = real(*args, **kwargs)
+        loaded.append(weakref.ref(net))
+        return net
+
+    monkeypatch.setattr(weights, "load_network", recording)
+    result = nst_core.stylize(content, [style], fast(iterations=1))
+    assert result.picture.width == 64 and len(loaded) == 1, "the call loads its own network"
+    del result
+    gc.collect()
+    assert [r for r in loaded if r() is not None] == []
 
 
 def test_an_image_too_small_for_the_network_is_a_param_error_naming_the_size(style):

@@ -26,9 +26,8 @@ from nst_core.images import (
     picture_to_pixels,
     resize_picture,
     save_image,
-    temporary_files,
-    temporary_name,
 )
+from nst_core.outputs import temporary_files, temporary_name
 
 SHARED_IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "images"
 
@@ -734,7 +733,7 @@ def test_temporary_names_are_hidden_unique_and_fit(tmp_path, char):
 KILLED_WRITERS = """
 import os, signal, sys
 from pathlib import Path
-from nst_core.images import atomic_write
+from nst_core.outputs import atomic_write
 
 def write(f):
     f.write(b"half an image")

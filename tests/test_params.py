@@ -269,3 +269,30 @@ def test_coarse_to_fine_above_the_papers_size_starts_at_most_there(size, sides):
 
 def test_explicit_single_level_at_1024():
     assert StyleParams(size=1024, iterations=50, levels=1).level_sizes() == [(1024, 50)]
+
+
+def test_every_field_takes_its_own_type_and_refuses_another_by_its_type_hint():
+    """The coercion follows each field's type hint (typing.get_type_hints), so a field added later
+    (with any spelling of its annotation) is checked as its type says without a new branch."""
+    import typing
+
+    from nst_core import params as P
+
+    hints = typing.get_type_hints(StyleParams)
+    wrong = {int: "many", float: "a lot", bool: "yes", str: 5}
+    for name in StyleParams.field_names():
+        default = StyleParams.default(name)
+        plain = StyleParams().to_mapping()[name]
+        assert StyleParams.from_mapping({name: plain}) == StyleParams(), name
+        kind = P.value_type(name)
+        assert P.accepts_none(name) == (type(None) in typing.get_args(hints[name])), name
+        if kind in wrong:
+            with pytest.raises(ParamError) as e:
+                StyleParams.from_mapping({name: wrong[kind]})
+            assert e.value.field == name
+        if P.accepts_none(name):
+            assert getattr(StyleParams.from_mapping({name: None}), name) is None
+        else:
+            with pytest.raises(ParamError):
+                StyleParams.from_mapping({name: None})
+        assert default == getattr(StyleParams(), name)

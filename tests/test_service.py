@@ -123,7 +123,7 @@ class BackgroundJob:
 
         def run():
             try:
-                self.outcome = server.client().stylize(
+                self.outcome = server.client().run_job(
                     raw(24, 16), [raw(16, 16, 3)], params, priority=priority, cancel=self.cancel,
                     on_progress=self.events.append, on_status=self._status, **kw)
             except BaseException as e:  # noqa: BLE001 - recorded for the test
@@ -215,7 +215,7 @@ def test_live_socket_is_not_stolen(server):
 def test_job_with_raw_pixels_progress_and_preview(server):
     content = raw(32, 24, 4, 8)
     events, status = [], []
-    out = server.client().stylize(content, [raw(20, 20, 3, 8, seed=2)], {**FAST, "iterations": 3},
+    out = server.client().run_job(content, [raw(20, 20, 3, 8, seed=2)], {**FAST, "iterations": 3},
                                   on_progress=events.append, on_status=status.append, preview=16,
                                   preview_interval=0)
     assert (out.width, out.height, out.channels, out.bit_depth) == (32, 24, 4, 8)
@@ -236,13 +236,13 @@ def test_job_paths_16_bit_and_output_file(server, tmp_path):
 
     Image.new("RGB", (30, 20), (200, 40, 10)).save(tmp_path / "content.png")
     Image.new("RGB", (16, 16), (10, 90, 200)).save(tmp_path / "style.png")
-    out = server.client().stylize(str(tmp_path / "content.png"), [str(tmp_path / "style.png")], FAST,
+    out = server.client().run_job(str(tmp_path / "content.png"), [str(tmp_path / "style.png")], FAST,
                                   result_format={"channels": 3, "bit_depth": 16})
     assert (out.width, out.height, out.channels, out.bit_depth) == (32, 21, 3, 16)
     assert len(out.data) == 32 * 21 * 3 * 2
     target = tmp_path / "out.png"
     client = server.client()
-    assert client.stylize(raw(24, 16, 4, 16), [str(tmp_path / "style.png")], FAST, output_path=str(target)) is None
+    assert client.run_job(raw(24, 16, 4, 16), [str(tmp_path / "style.png")], FAST, output_path=str(target)) is None
     assert client.last_result["path"] == str(target)
     with Image.open(target) as im:
         assert im.size == (32, 21) and "random" in im.info.get("nst:note", "")
@@ -274,7 +274,7 @@ def test_priority_cancel_and_busy(server):
     filler = BackgroundJob(server, FAST, priority="batch")
     wait_for(lambda: filler.status, what="filler accepted")
     with pytest.raises(nc.ServiceBusy) as busy:
-        server.client().stylize(raw(8, 8), [], {**FAST, "style_weight": 0})
+        server.client().run_job(raw(8, 8), [], {**FAST, "style_weight": 0})
     assert busy.value.kind == "busy" and "queue is full" in busy.value.message
     st = server.client().status()
     assert st["workers"][0]["running"]["priority"] == "batch"
@@ -383,9 +383,9 @@ def test_bad_requests_get_errors_and_the_service_stays_up(server, tmp_path):
     assert closed(s)
     # The client library checks its own images too.
     with pytest.raises(nc.ServiceError):
-        server.client().stylize(nc.RawImage(8, 8, 4, 8, b"\0" * 10), [], FAST)
+        server.client().run_job(nc.RawImage(8, 8, 4, 8, b"\0" * 10), [], FAST)
     # Still up and still working.
-    out = server.client().stylize(raw(16, 16), [], {**FAST, "style_weight": 0})
+    out = server.client().run_job(raw(16, 16), [], {**FAST, "style_weight": 0})
     assert (out.width, out.height) == (32, 32)
 
 
@@ -457,22 +457,22 @@ def test_gpu_out_of_memory_is_a_job_error_and_the_service_stays_up(tmp_path):
     try:
         client = srv.client(timeout=60)
         job = {"weights": "random", "size": 1024, "iterations": 1, "levels": 1}
-        client.stylize(raw(64, 64), [raw(64, 64, 3)], {**job, "size": 64})  # CUDA context and network loaded
+        client.run_job(raw(64, 64), [raw(64, 64, 3)], {**job, "size": 64})  # CUDA context and network loaded
         free, _ = torch.cuda.mem_get_info()
         hog = torch.empty(free - (256 << 20), dtype=torch.uint8, device="cuda")
         try:
             with pytest.raises(nc.ServiceError) as e:
-                client.stylize(raw(64, 64), [raw(64, 64, 3)], job)
+                client.run_job(raw(64, 64), [raw(64, 64, 3)], job)
             assert e.value.kind == "out_of_memory" and "out of memory" in e.value.message
             notices = []
-            out = client.stylize(raw(64, 64), [raw(64, 64, 3)], job, allow_cpu_fallback=True,
+            out = client.run_job(raw(64, 64), [raw(64, 64, 3)], job, allow_cpu_fallback=True,
                                  on_status=lambda ev: ev["type"] == "notice" and notices.append(ev["message"]))
             assert out.width == 1024 and "retrying once on the CPU" in notices[0]
             assert out.info["device"].startswith("cpu")
         finally:
             del hog
             torch.cuda.empty_cache()
-        out = client.stylize(raw(64, 64), [raw(64, 64, 3)], job)
+        out = client.run_job(raw(64, 64), [raw(64, 64, 3)], job)
         assert out.width == 1024 and out.info["device"].startswith("cuda")
         assert client.status()["jobs"]["failed"] == 1
     finally:
@@ -513,7 +513,7 @@ def test_announced_gigabyte_takes_no_memory_and_all_connections_share_a_budget(t
         assert err["kind"] == "busy" and "try again later" in err["message"], err
         assert closed(second)
         with pytest.raises(nc.ServiceBusy):
-            srv.client().stylize(raw(16, 16), [], {**FAST, "style_weight": 0})
+            srv.client().run_job(raw(16, 16), [], {**FAST, "style_weight": 0})
         # Bytes take memory as they arrive, and no more.
         first.sendall(b"\x7f" * (48 << 20))
         wait_for(lambda: rss(srv.proc.pid) - before > 40 << 20, what="the sent bytes to be held")
@@ -521,7 +521,7 @@ def test_announced_gigabyte_takes_no_memory_and_all_connections_share_a_budget(t
         # A client that goes away gives its share back; the service works on.
         first.close()
         wait_for(lambda: srv.client().status()["memory_budget"]["used"] == 0, what="the budget to be released")
-        out = srv.client().stylize(raw(16, 16), [], {**FAST, "style_weight": 0})
+        out = srv.client().run_job(raw(16, 16), [], {**FAST, "style_weight": 0})
         assert (out.width, out.height) == (32, 32)
         assert srv.client().status()["memory_budget"]["used"] == 0, "a finished job gives its pixels back"
     finally:
@@ -533,11 +533,11 @@ def test_work_a_job_asks_for_is_bounded_by_the_device(server, tmp_path):
     from the header alone for pixels, once read for files; the service stays up."""
     client = server.client()
     with pytest.raises(nc.ServiceError) as e:  # 16384 × 16384 output from a tiny picture
-        client.stylize(raw(64, 64), [], {**FAST, "size": 16384, "style_weight": 0})
+        client.run_job(raw(64, 64), [], {**FAST, "size": 16384, "style_weight": 0})
     assert e.value.kind == "param" and e.value.details["field"] == "size", e.value
     assert "16384×16384 = 268,435,456 pixels is too large" in e.value.message and "on cpu" in e.value.message
     with pytest.raises(nc.ServiceError) as e:  # a style worked at 8 × 2048 = 16384 px on its long side
-        client.stylize(raw(64, 64), [raw(32, 32, 3)], {**FAST, "size": 2048, "style_scale": 8})
+        client.run_job(raw(64, 64), [raw(32, 32, 3)], {**FAST, "size": 2048, "style_scale": 8})
     assert e.value.kind == "param" and e.value.details["field"] == "style_scale", e.value
     assert "style 1 would be worked at 16384×16384" in e.value.message
     # A file is measured when the service reads it.
@@ -545,9 +545,9 @@ def test_work_a_job_asks_for_is_bounded_by_the_device(server, tmp_path):
 
     Image.new("RGB", (64, 64), (90, 20, 200)).save(tmp_path / "square.png")
     with pytest.raises(nc.ServiceError) as e:
-        client.stylize(str(tmp_path / "square.png"), [], {**FAST, "size": 16384, "style_weight": 0})
+        client.run_job(str(tmp_path / "square.png"), [], {**FAST, "size": 16384, "style_weight": 0})
     assert e.value.kind == "param" and e.value.details["field"] == "size", e.value
-    out = client.stylize(raw(16, 16), [], {**FAST, "style_weight": 0})
+    out = client.run_job(raw(16, 16), [], {**FAST, "style_weight": 0})
     assert (out.width, out.height) == (32, 32)
     assert 0 < client.server_info["limits"]["max_work_pixels"] <= 8192 * 8192
 

@@ -169,13 +169,13 @@ try:
 except PermissionError:
     out["reads secret itself"] = False
 attempts = {
-    "content path": lambda: cl.stylize(secret, [], fast),
-    "style path": lambda: cl.stylize(pixels, [secret], {**fast, "style_weight": 1000}),
-    "init file": lambda: cl.stylize(pixels, [], {**fast, "init": secret}),
-    "weights file": lambda: cl.stylize(pixels, [], {**fast, "weights": secret}),
-    "write where only the service can": lambda: cl.stylize(pixels, [], fast, output_path=service_out),
-    "write in my own folder": lambda: cl.stylize(pixels, [], fast, output_path=own_out),
-    "pixels": lambda: cl.stylize(pixels, [], fast),
+    "content path": lambda: cl.run_job(secret, [], fast),
+    "style path": lambda: cl.run_job(pixels, [secret], {**fast, "style_weight": 1000}),
+    "init file": lambda: cl.run_job(pixels, [], {**fast, "init": secret}),
+    "weights file": lambda: cl.run_job(pixels, [], {**fast, "weights": secret}),
+    "write where only the service can": lambda: cl.run_job(pixels, [], fast, output_path=service_out),
+    "write in my own folder": lambda: cl.run_job(pixels, [], fast, output_path=own_out),
+    "pixels": lambda: cl.run_job(pixels, [], fast),
 }
 for name, attempt in attempts.items():
     try:

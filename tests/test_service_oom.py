@@ -72,12 +72,12 @@ def test_service_out_of_host_memory_is_a_job_error_and_the_service_stays_up(tmp_
         wait_until(lambda: client.ping() or proc.poll() is not None, 120, "the service")
         content = nc.RawImage(64, 48, 3, 8, bytes(64 * 48 * 3))
         small = {"weights": "random", "size": 32, "iterations": 1, "style_weight": 0}
-        assert client.stylize(content, [], small).width == 32
+        assert client.run_job(content, [], small).width == 32
         with pytest.raises(nc.ServiceError) as e:
-            client.stylize(content, [], {**small, "size": 2048, "levels": 1})
+            client.run_job(content, [], {**small, "size": 2048, "levels": 1})
         assert e.value.kind == "out_of_memory", e.value
         assert "out of memory on cpu at size 2048" in e.value.message
-        assert client.stylize(content, [], small).width == 32, "the service works on"
+        assert client.run_job(content, [], small).width == 32, "the service works on"
         assert client.status()["jobs"] == {"done": 2, "failed": 1, "cancelled": 0}
     finally:
         proc.terminate()

@@ -105,7 +105,7 @@ def test_embedded_server_with_group_socket(tmp_path, scheduler):
         with pytest.raises(ServiceSetupError, match="already"):
             ServiceServer(path, scheduler).start()
         events = []
-        out = nc.ServiceClient(path).stylize(nc.RawImage(2, 2, 3, 8, bytes(range(12))), [],
+        out = nc.ServiceClient(path).run_job(nc.RawImage(2, 2, 3, 8, bytes(range(12))), [],
                                              {"weights": "random", "size": 32, "iterations": 2, "style_weight": 0},
                                              on_progress=events.append)
         assert (out.width, out.height, out.channels) == (32, 32, 3) and events[-1]["step"] == 2
@@ -126,7 +126,7 @@ def test_embedded_server_with_group_socket(tmp_path, scheduler):
 
 def _attempt(path, params, events):
     try:
-        return nc.ServiceClient(path).stylize(nc.RawImage(2, 2, 3, 8, bytes(12)), [], params, on_progress=events.append)
+        return nc.ServiceClient(path).run_job(nc.RawImage(2, 2, 3, 8, bytes(12)), [], params, on_progress=events.append)
     except nc.ServiceError as e:
         return e
 
@@ -170,7 +170,7 @@ def test_stop_lets_the_running_job_finish_for_its_client(tmp_path):
 
     def run(name, priority):
         try:
-            outcome[name] = nc.ServiceClient(path).stylize(nc.RawImage(2, 2, 3, 8, bytes(12)), [], params,
+            outcome[name] = nc.ServiceClient(path).run_job(nc.RawImage(2, 2, 3, 8, bytes(12)), [], params,
                                                            priority=priority, on_progress=events.append)
         except nc.ServiceError as e:
             outcome[name] = e
@@ -189,3 +189,25 @@ def test_stop_lets_the_running_job_finish_for_its_client(tmp_path):
     assert events[-1]["step"] == 100
     assert isinstance(outcome["queued"], nc.ServiceUnavailable) and "did not run" in outcome["queued"].message
     assert not os.path.exists(path)
+
+
+def test_a_job_handle_is_a_future_to_wait_on_with_the_standard_library(scheduler):
+    """JobHandle's outcome is a concurrent.futures.Future: wait() and as_completed() work on it,
+    its callbacks run once, and result(timeout) of a running job is the builtin TimeoutError."""
+    from concurrent import futures
+
+    steps = []
+    running = scheduler.submit(picture(), [], LONG.replace(style_weight=0), progress=lambda p: steps.append(p.step))
+    wait_for(lambda: steps, what="the job to run")
+    with pytest.raises(TimeoutError, match=f"job {running.id} has not finished"):
+        running.result(0.05)
+    quick = scheduler.submit(picture(1), [], FAST.replace(style_weight=0))
+    ended = []
+    quick.add_done_callback(ended.append)
+    running.cancel()
+    done, pending = futures.wait([running.future, quick.future], timeout=120)
+    assert not pending and isinstance(running.future.exception(), Cancelled)
+    assert quick.future.result().picture.width == 32 and ended == [quick]
+    late = []
+    quick.add_done_callback(late.append)  # after the end: at once
+    assert late == [quick] and ended == [quick]

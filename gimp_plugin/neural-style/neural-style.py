@@ -151,7 +151,7 @@ def connect(config, settings):
     return probe
 
 
-def stylize(drawable, config, preview_layer, result_layer) -> str | None:
+def send_to_service(drawable, config, preview_layer, result_layer) -> str | None:
     """Run the job in the service and put its result, at the area's size, into `result_layer`;
     draw the previews the service sends on `preview_layer` (when there is one). Returns the
     service's note on the weights (None for ImageNet's).
@@ -215,7 +215,7 @@ def stylize(drawable, config, preview_layer, result_layer) -> str | None:
 
     Gimp.progress_set_text("Neural Style: sending the job…")
     try:
-        result = client.stylize(content, [style], params, priority="interactive",
+        result = client.run_job(content, [style], params, priority="interactive",
                                 on_progress=on_progress, on_status=on_status,
                                 preview=preview_side(params["size"]) if preview_layer is not None else None,
                                 preview_interval=PREVIEW_INTERVAL)
@@ -259,7 +259,7 @@ def end_preview(image, layer, state) -> None:
     Gimp.displays_flush()
 
 
-def run_job(procedure, config, image, drawable, preview_layer, result_layer):
+def call_job_procedure(procedure, config, image, drawable, preview_layer, result_layer):
     """Run JOB_PROC_NAME with this run's settings; (status, weights note or error message)."""
     job = Gimp.get_pdb().lookup_procedure(JOB_PROC_NAME)
     cfg = job.create_config()
@@ -425,7 +425,7 @@ def run(procedure, run_mode, image, drawables, config, data):
             if run_mode != Gimp.RunMode.NONINTERACTIVE:
                 preview, state = show_preview(image, drawable)
             try:
-                status, text = run_job(procedure, config, image, drawable, preview, result_layer)
+                status, text = call_job_procedure(procedure, config, image, drawable, preview, result_layer)
             finally:
                 if preview is not None:
                     end_preview(image, preview, state)
@@ -457,7 +457,7 @@ def run_job_procedure(procedure, run_mode, image, drawables, config, data):
         except ImportError:
             raise UserError(f"nst_client.py is missing beside the plug-in in {HERE}. "
                             "Run `nst gimp install` again.") from None
-        note = stylize(drawables[0], config, config.get_property("preview-layer"),
+        note = send_to_service(drawables[0], config, config.get_property("preview-layer"),
                        config.get_property("result-layer"))
     except UserError as e:
         return failure(procedure, str(e))

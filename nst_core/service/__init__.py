@@ -1,8 +1,9 @@
 """The local job service: a warm engine per device shared by local clients over a Unix socket.
 
 `client` (pure standard library: the GIMP plug-in's side), `scheduler` (the queue and workers, also
-embedded by the daemon), `server` (the socket), `commands` (`nst serve`, `nst status`). Importing
-this package does not import torch. The protocol is docs/PROTOCOL.md.
+embedded by the daemon), `protocol` (requests validated), `server` (the socket) and `connection`
+(one client), `access` and `limits` (who may ask what, and how much), `commands` (`nst serve`,
+`nst status`). Importing this package does not import torch. The protocol is docs/PROTOCOL.md.
 """
 
 from .client import (  # noqa: F401

@@ -17,17 +17,11 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from ..errors import NSTError, ParamError
+from ..errors import ParamError, ServiceSetupError
 from ..params import INITS, WEIGHTS_NAMES
 
 # StyleParams fields that name a file unless they hold one of these words.
 _PATH_PARAMS = {"init": INITS, "weights": WEIGHTS_NAMES}
-
-
-class ServiceSetupError(NSTError):
-    """The service cannot listen where, or as, it was asked to."""
-
-    kind = "service"
 
 
 def socket_group_problem(group: str) -> str | None:

@@ -4,7 +4,7 @@ Pure standard library (Python 3.10+), one self-contained file: the GIMP plug-in 
 itself as ``nst_client.py``, and the server imports its framing from here.
 
     client = connect(python="/opt/nst/venv/bin/python")      # a running service, or a private one
-    out = client.stylize(RawImage(w, h, 4, 8, data), ["/styles/wave.jpg"],
+    out = client.run_job(RawImage(w, h, 4, 8, data), ["/styles/wave.jpg"],
                          {"size": 512, "iterations": 300}, on_progress=print, cancel=event)
 """
 
@@ -430,7 +430,7 @@ class ServiceClient:
         """The service's status message (devices, queue, running jobs, cache); see PROTOCOL.md."""
         return self._request({"type": "status"})
 
-    def stylize(self, content, styles, params: dict, *, priority: str = "interactive",
+    def run_job(self, content, styles, params: dict, *, priority: str = "interactive",
                 on_progress: Callable[[dict], Any] | None = None, cancel=None, output_path: str | None = None,
                 preview: int | None = None, preview_interval: float = 1.0, result_format: dict | None = None,
                 allow_cpu_fallback: bool = False, on_status: Callable[[dict], Any] | None = None) -> RawImage | None:

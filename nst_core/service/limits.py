@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import threading
 
-from ..errors import NSTError, ParamError
+from ..errors import ParamError
 
 MAX_STYLES = 16
 PAYLOAD_IMAGES = 2  # max_payload holds this many of the largest 16-bit RGBA images
@@ -39,12 +39,6 @@ def announced(budget: int, work_pixels: int, request_timeout: float) -> dict:
     return {"max_header": client.MAX_HEADER, "max_pixels": max_pixels(), "max_payload": max_payload(),
             "max_styles": MAX_STYLES, "memory_budget": budget, "max_work_pixels": work_pixels,
             "request_timeout": request_timeout, "max_connections": MAX_CONNECTIONS}
-
-
-class Busy(NSTError):
-    """The service cannot take this request now (its memory budget or its connections are used up)."""
-
-    kind = "busy"
 
 
 class MemoryBudget:

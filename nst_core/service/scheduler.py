@@ -15,9 +15,12 @@ import itertools
 import logging
 import threading
 import time
+from concurrent import futures
+from contextlib import suppress
 from typing import Callable
 
-from ..errors import Cancelled, DeviceError, NSTError, OutOfMemory, ParamError
+from ..errors import (Cancelled, DeviceError, InternalError, NSTError, OutOfMemory, ParamError, QueueFull,
+                      ServiceStopping)
 from ..params import StyleParams
 
 log = logging.getLogger("nst_core.service")
@@ -25,27 +28,13 @@ log = logging.getLogger("nst_core.service")
 PRIORITIES = {"interactive": 0, "batch": 1}
 
 
-class QueueFull(NSTError):
-    """The bounded queue is full."""
-
-    kind = "busy"
-
-
-class ServiceStopping(NSTError):
-    """The service is shutting down; the job did not run (or was stopped)."""
-
-    kind = "unavailable"
-
-
-class InternalError(NSTError):
-    """A bug in the service or the engine, reported to the client instead of a dead service."""
-
-    kind = "internal"
-    exit_code = 1
-
-
 class JobHandle:
-    """A submitted job: cancel it, poll it, or wait for its engine `Result`."""
+    """A submitted job: cancel it, poll it, or wait for its engine `Result`.
+
+    Its outcome is a `concurrent.futures.Future` (`future`, for `concurrent.futures.wait` and
+    friends); `cancel` differs from the Future's: it also stops a job that is running, which then
+    ends with `Cancelled`.
+    """
 
     def __init__(self, scheduler, seq, content, styles, params, priority, progress, allow_cpu_fallback, client,
                  on_event, eligible):
@@ -72,11 +61,9 @@ class JobHandle:
         self._cancel = threading.Event()
         self._cancel_requested = False
         self._stopped_by_service = False
-        self._done = threading.Event()
+        self.future: futures.Future = futures.Future()  # cancel the job, not this: see cancel()
+        self._ending = False  # set once, under _lock, by the first _finish
         self._lock = threading.Lock()
-        self._callbacks: list[Callable[[JobHandle], None]] = []
-        self._result = None
-        self._error: BaseException | None = None
 
     def cancel(self) -> None:
         """Cancel: a queued job never runs, a running one stops within one optimiser step."""
@@ -85,7 +72,7 @@ class JobHandle:
         self._scheduler._dequeue(self, Cancelled("cancelled before it started"))
 
     def done(self) -> bool:
-        return self._done.is_set()
+        return self.future.done()
 
     def _cancel_for_stop(self) -> None:
         """Cancel because the service is going away: the job ends with ServiceStopping."""
@@ -94,20 +81,16 @@ class JobHandle:
         self._scheduler._dequeue(self, ServiceStopping("the service is shutting down; the job did not run"))
 
     def result(self, timeout: float | None = None):
-        """The engine's Result; raises the job's NSTError (Cancelled when cancelled)."""
-        if not self._done.wait(timeout):
-            raise TimeoutError(f"job {self.id} has not finished after {timeout} s")
-        if self._error is not None:
-            raise self._error
-        return self._result
+        """The engine's Result; raises the job's NSTError (Cancelled when cancelled), or
+        TimeoutError when it has not ended within `timeout` seconds."""
+        try:
+            return self.future.result(timeout)
+        except futures.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+            raise TimeoutError(f"job {self.id} has not finished after {timeout} s") from None
 
     def add_done_callback(self, fn: Callable[["JobHandle"], None]) -> None:
         """Call fn(job) when it ends (at once if it has), from the thread that ends it."""
-        with self._lock:
-            if not self._done.is_set():
-                self._callbacks.append(fn)
-                return
-        fn(self)
+        self.future.add_done_callback(lambda _future: fn(self))
 
     def summary(self) -> dict:
         now = time.monotonic()
@@ -134,9 +117,9 @@ class JobHandle:
 
     def _finish(self, result=None, error: BaseException | None = None) -> None:
         with self._lock:
-            if self._done.is_set():
+            if self._ending:
                 return
-            self._result, self._error = result, error
+            self._ending = True
             self.content, self.styles = None, []  # the pixels go now, not with the handle
             self.finished = time.monotonic()
             if error is None:
@@ -146,13 +129,11 @@ class JobHandle:
             else:
                 self.state = "failed"
             self._scheduler._ended(self)  # counted before anyone waiting on the job sees it end
-            self._done.set()
-            callbacks, self._callbacks = self._callbacks, []
-        for fn in callbacks:
-            try:
-                fn(self)
-            except Exception:
-                log.exception("job %s: done callback failed", self.id)
+        with suppress(futures.InvalidStateError):  # a future cancelled by hand
+            if error is None:  # callbacks run here, in this thread; the Future logs any that fails
+                self.future.set_result(result)
+            else:
+                self.future.set_exception(error)
 
 
 class _Worker:
@@ -173,7 +154,7 @@ class Scheduler:
         if max_queue < 1:
             raise ParamError("max_queue", f"must be at least 1, got {max_queue}")
         self.max_queue = max_queue
-        self._session_factory = session_factory or _default_session
+        self._session_factory = session_factory or _new_session
         self.work_limits: dict[str, int] = {}  # device → the most pixels a job may work at there
         self._cond = threading.Condition()
         self._queue: list[JobHandle] = []
@@ -394,7 +375,7 @@ class Scheduler:
             return self._cpu_session
 
 
-def _default_session(device: str):
+def _new_session(device: str):
     from ..engine import Session
 
     return Session()
