@@ -10,9 +10,9 @@ from .devices import exact_float32
 
 
 def gram(features: torch.Tensor) -> torch.Tensor:
-    """G_ij = Σ_k F_ik F_jk over the M = H·W positions (float32 whatever the features' dtype)."""
+    """G_ij = Σ_k F_ik F_jk over the M = H·W positions (float32 for any narrower dtype)."""
     n = features.shape[-3]
-    f = features.float()
+    f = _wide(features)
     with exact_float32():
         return _gram(f, n)
 

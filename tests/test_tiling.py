@@ -1,0 +1,134 @@
+"""The exact tiled objective (nst_core.tiling): tiled loss and gradient equal the untiled ones.
+
+Random (normalised) VGG-19 weights on the CPU, images of 40–120 px. Most cases run in float64, where
+"equal" means within 1e-9 relative and a margin one stride too small is off by far more (the test
+can fail); one runs in float32, the engine's precision.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nst_core import color, losses, tiling
+from nst_core.objective import Objective
+from nst_core.weights import load_network
+
+SHALLOW_STYLE = {"relu1_1": 0.3, "relu2_1": 0.3, "relu3_1": 0.4}
+SHALLOW_CONTENT = {"relu2_1": 1.0}
+PAPER_STYLE = {f"relu{b}_1": 0.2 for b in range(1, 6)}
+PAPER_CONTENT = {"relu4_2": 1.0}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _cache(nst_cache_dir):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NST_CACHE_DIR", str(nst_cache_dir))
+        yield
+
+
+_NETS: dict = {}
+
+
+def network(pooling: str, last: str, dtype: torch.dtype):
+    key = (pooling, last, dtype)
+    if key not in _NETS:
+        _NETS[key] = load_network("random", pooling=pooling, last=last, device="cpu").to(dtype)
+    return _NETS[key]
+
+
+def compare(h, w, style_layers, content_layers, px, *, pooling="avg", margin=None, dtype=torch.float64,
+            luminance=False, tv_weight=1e-2):
+    """(largest relative difference of the four terms, of the gradient) tiled against untiled, and the tiles."""
+    layers = [n for n in tiling.VGG19_LAYERS if n in set(style_layers) | set(content_layers)]
+    net = network(pooling, layers[-1], dtype)
+    seen = (lambda im: color.as_grey_rgb(color.luminance(im))) if luminance else (lambda im: im)
+
+    def features(image, names):
+        return net(seen(image).unsqueeze(0), names)
+
+    gen = torch.Generator().manual_seed(h * 1000 + w)
+    x, content = (torch.rand(3, h, w, generator=gen, dtype=dtype) for _ in range(2))
+    style = torch.rand(3, 56, 72, generator=gen, dtype=dtype)
+    with torch.no_grad():
+        targets = {n: losses.gram(f) / (f.shape[-1] * f.shape[-2]) for n, f in features(style, list(style_layers)).items()}
+        content_maps = features(content, list(content_layers))
+    whole = Objective(lambda im: features(im, layers), content_maps, content_layers, targets, style_layers,
+                      1.0, 1e3, tv_weight)
+    terms, grad = whole.loss_and_grad(x.clone().requires_grad_(True))
+    geo = tiling.geometry(layers)
+    tiles = tiling.plan_tiles(h, w, px, geo, margin)
+    tiled = tiling.TiledObjective(features, tiles, geo, content, content_layers, targets, style_layers,
+                                  1.0, 1e3, tv_weight)
+    t_terms, t_grad = tiled.loss_and_grad(x)
+    rel_terms = ((t_terms - terms).abs() / terms.abs().clamp_min(1e-30)).max().item()
+    rel_grad = ((t_grad - grad).abs().max() / grad.abs().max()).item()
+    return rel_terms, rel_grad, tiles
+
+
+def test_geometry_from_the_layer_list():
+    # relu5_1 sees a 156-pixel field (70 before, 85 after a position); 16 px stride; margin 70 → 80.
+    g = tiling.geometry(list(PAPER_STYLE))
+    assert (g.stride, g.margin) == (16, 80)
+    assert g.jumps == {"relu1_1": 1, "relu2_1": 2, "relu3_1": 4, "relu4_1": 8, "relu5_1": 16}
+    g3 = tiling.geometry(list(SHALLOW_STYLE))
+    assert (g3.stride, g3.margin) == (4, 12)  # 10 pixels each side, rounded up to the stride
+    assert tiling.geometry(["relu1_1"]) == tiling.Geometry(1, 1, {"relu1_1": 1})
+
+
+def test_tiles_cover_the_image_once():
+    geo = tiling.geometry(list(PAPER_STYLE))
+    tiles = tiling.plan_tiles(100, 75, 32, geo)
+    covered = torch.zeros(100, 75, dtype=torch.int32)
+    for t in tiles:
+        y0, y1, x0, x1 = t.inner
+        covered[y0:y1, x0:x1] += 1
+        assert y0 % 16 == 0 and x0 % 16 == 0 and t.crop[0] % 16 == 0 and t.crop[2] % 16 == 0
+        assert t.crop[0] == max(0, y0 - 80) and t.crop[1] == min(100, y1 + 80)
+    assert bool((covered == 1).all())
+    assert len(tiles) == 3 * 2  # bands 0-32-64-100 (a 4 px rest joins the last) × 0-32-75 (11 px rest)
+
+
+@pytest.mark.parametrize("h, w, px, pooling, luminance", [
+    (61, 77, 16, "avg", False),   # odd sizes, PX 16 (the smallest)
+    (61, 77, 20, "max", False),   # max pooling; PX 20 rounds down to 20 (stride 4)
+    (48, 48, 12, "avg", True),    # luminance: the network sees a pointwise function of the crop
+    (57, 40, 200, "avg", False),  # one tile larger than the image: the whole image
+])
+def test_tiled_equals_untiled_shallow(h, w, px, pooling, luminance):
+    rel_terms, rel_grad, tiles = compare(h, w, SHALLOW_STYLE, SHALLOW_CONTENT, px, pooling=pooling,
+                                         luminance=luminance)
+    assert rel_terms < 1e-9 and rel_grad < 1e-9, (rel_terms, rel_grad, len(tiles))
+
+
+@pytest.mark.parametrize("h, w, px, pooling", [(66, 50, 16, "avg"), (97, 84, 48, "max")])
+def test_tiled_equals_untiled_paper_layers(h, w, px, pooling):
+    # relu5_1's 80 px margin around interiors of 16 px: the margin five times the tile
+    rel_terms, rel_grad, tiles = compare(h, w, PAPER_STYLE, PAPER_CONTENT, px, pooling=pooling)
+    assert len(tiles) > 1
+    assert rel_terms < 1e-9 and rel_grad < 1e-9, (rel_terms, rel_grad)
+
+
+def test_margin_at_the_limit_is_exact_and_one_stride_less_is_not():
+    at_limit = compare(64, 64, SHALLOW_STYLE, SHALLOW_CONTENT, 16, margin=12)
+    short = compare(64, 64, SHALLOW_STYLE, SHALLOW_CONTENT, 16, margin=8)
+    assert at_limit[0] < 1e-9 and at_limit[1] < 1e-9
+    assert short[0] > 1e-6 and short[1] > 1e-6, short[:2]
+
+
+def test_float32_within_float_rounding():
+    rel_terms, rel_grad, _ = compare(61, 77, SHALLOW_STYLE, SHALLOW_CONTENT, 24, dtype=torch.float32)
+    assert rel_terms < 1e-5 and rel_grad < 1e-5, (rel_terms, rel_grad)
+
+
+def test_tiled_style_targets_equal_whole():
+    net = network("avg", "relu3_1", torch.float64)
+    image = torch.rand(3, 70, 90, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    names = list(SHALLOW_STYLE)
+    geo = tiling.geometry(names)
+    grams, m = tiling.tiled_grams(lambda im, ls: net(im.unsqueeze(0), ls), image, names,
+                                  tiling.plan_tiles(70, 90, 16, geo), geo)
+    whole = net(image.unsqueeze(0), names)
+    for n in names:
+        assert m[n] == whole[n].shape[-1] * whole[n].shape[-2]
+        torch.testing.assert_close(grams[n], losses.gram(whole[n]), rtol=1e-10, atol=0)
