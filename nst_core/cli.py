@@ -102,7 +102,8 @@ _METAVARS = {
     "pooling": "|".join(params_mod.POOLINGS), "optimizer": "|".join(params_mod.OPTIMIZERS),
     "init": "|".join(params_mod.INITS) + "|PATH", "preserve_color": "|".join(params_mod.PRESERVE_COLORS),
     "weights": "|".join(params_mod.WEIGHTS_NAMES) + "|PATH", "device": "auto|cuda[:N]|mps|cpu",
-    "precision": "|".join(params_mod.PRECISIONS),
+    "precision": "|".join(params_mod.PRECISIONS), "size": "N|original", "max_memory": "BYTES",
+    "tile": "auto|off|PX",
 }
 
 
@@ -116,7 +117,7 @@ def params_from_args(args: argparse.Namespace) -> StyleParams:
     if getattr(args, "ratio", None) is not None:
         given["ratio"] = args.ratio
     for name in ("size", "iterations", "seed", "levels"):
-        if name in given:
+        if name in given and not (name == "size" and given[name].strip().lower() == "original"):
             given[name] = _int_option(name, given[name])
     return StyleParams.from_mapping(given)
 

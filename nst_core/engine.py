@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import color, devices, losses
+from . import color, devices, losses, tiling
 from .errors import Cancelled, ImageError, OutOfMemory, ParamError
 from .images import Picture, fit, load_image, resize_picture
 from .params import INITS, StyleParams
@@ -35,6 +35,8 @@ class Progress:
     losses: dict
     elapsed: float
     eta: float | None
+    tile: int = 1  # the tile being worked on at a tiled level (all done: tile == tiles)
+    tiles: int = 1
     _render: Callable[[int | None], Picture] = field(repr=False, default=None)
 
     def image(self, max_side: int | None = None) -> Picture:
@@ -42,7 +44,8 @@ class Progress:
         return self._render(max_side)
 
     def to_mapping(self) -> dict:
-        return {k: getattr(self, k) for k in ("step", "total", "level", "levels", "losses", "elapsed", "eta")}
+        return {k: getattr(self, k) for k in ("step", "total", "level", "levels", "tile", "tiles", "losses",
+                                           "elapsed", "eta")}
 
 
 @dataclass
@@ -131,22 +134,24 @@ def stylize(
     session = session or Session()  # released when this call returns
     is_cancelled = _cancel_check(cancel)
     content = content if isinstance(content, Picture) else load_image(content)
+    params = resolve_size(params, content)
     styles = [s if isinstance(s, Picture) else load_image(s) for s in styles]
     blend = _blend_weights(params, len(styles))
     init_picture = _init_picture(params)
 
     device = devices.pick_device(params.device)
     devices.configure(device)
+    run = None
     try:
         net = session.network(params, device)
         run = _Run(params, net, device, content, styles, blend, init_picture, session, is_cancelled, progress, started)
         x = run.optimise()
         picture = run.render(x, None)
-    except torch.OutOfMemoryError as e:
-        raise OutOfMemory(_oom_message(params, device)) from e
+    except (torch.OutOfMemoryError, MemoryError) as e:
+        raise OutOfMemory(_oom_message(params, device, run)) from e
     except RuntimeError as e:
         if devices.is_out_of_memory(e):
-            raise OutOfMemory(_oom_message(params, device)) from e
+            raise OutOfMemory(_oom_message(params, device, run)) from e
         raise
     return Result(
         picture=picture,
@@ -183,6 +188,13 @@ class _Run:
         self.style_layers = {k: w for k, w in params.style_layers.items() if w > 0} if params.style_weight > 0 else {}
         self.last_losses = {"total": 0.0, "content": 0.0, "style": 0.0, "tv": 0.0}
         self.step = 0
+        self.budget = params.max_memory or tiling.available_bytes(device)
+        self.plan: tiling.Plan | None = None  # the level's, once planned
+
+    def _plan(self, h: int, w: int, layers, content_layers=()) -> tiling.Plan:
+        return tiling.plan_level(h, w, list(layers), list(content_layers), budget=self.budget, tile=self.p.tile,
+                                 precision=self.p.precision, optimizer=self.p.optimizer,
+                                 same_device_host=self.device.type == "cpu")
 
     # ---- images at a level ----------------------------------------------------------------------
 
@@ -219,6 +231,13 @@ class _Run:
                    tuple(sorted(self.style_layers)), self.p.precision)
 
             def compute(s=s):
+                names = list(self.style_layers)
+                plan = self._plan(*s.shape[-2:], names)
+                if plan.tile:  # a style image too large to take whole: its Gram matrices tile by tile
+                    geo = tiling.geometry(names)
+                    grams, m = tiling.tiled_grams(self._features, s, names,
+                                                  tiling.plan_tiles(*s.shape[-2:], plan.tile, geo), geo)
+                    return {n: grams[n] / m[n] for n in names}
                 with torch.no_grad():
                     feats = self._features(s, self.style_layers)
                 return {n: losses.gram(f) / (f.shape[-1] * f.shape[-2]) for n, f in feats.items()}
@@ -259,24 +278,48 @@ class _Run:
 
     def _level(self, x, content_rgb, side, iters, li) -> torch.Tensor:
         p = self.p
+        layers = set(self.content_layers) | set(self.style_layers)
+        self.plan = plan = self._plan(*x.shape[-2:], layers, self.content_layers)
+        if p.tile == "auto" and not plan.fits:
+            raise OutOfMemory(_oom_message(p, self.device, self))
         with torch.no_grad():
             content_targets = (
                 {n: f.detach() for n, f in self._features(self._seen(content_rgb), self.content_layers).items()}
-                if self.content_layers else {}
+                if self.content_layers and not plan.tile else {}
             )
         style_targets = self._style_targets(content_rgb, side) if self.style_layers else {}
-        layers = set(self.content_layers) | set(self.style_layers)
         x = x.clone().requires_grad_(True)
         if p.optimizer == "lbfgs":
             # One iteration per step() keeps the history across steps and lets us report and cancel
             # after each loss evaluation.
-            opt = torch.optim.LBFGS([x], lr=p.step_size, max_iter=1, history_size=100)
+            opt = torch.optim.LBFGS([x], lr=p.step_size, max_iter=1, history_size=plan.history)
         else:
             opt = torch.optim.Adam([x], lr=p.step_size)
         terms = {}
+        level_start = time.perf_counter()
+        i = 0
+        tiled = None
+        if plan.tile:
+            geo = tiling.geometry(list(layers))
+
+            def on_tile(k, n):
+                if self.is_cancelled():
+                    raise Cancelled("cancelled")
+                if self.progress is not None and k > 1:
+                    self._report(li, iters, i, level_start, side, x, k - 1, n)
+
+            tiled = tiling.TiledObjective(
+                lambda im, names: self._features(self._seen(im), names),
+                tiling.plan_tiles(*x.shape[-2:], plan.tile, geo), geo, content_rgb,
+                self.content_layers, style_targets, self.style_layers, p.content_weight, p.style_weight, p.tv_weight,
+                target_device="cpu" if plan.targets_on_host else None, on_tile=on_tile)
 
         def closure():
             opt.zero_grad(set_to_none=True)
+            if tiled is not None:
+                vec, x.grad = tiled.loss_and_grad(x)
+                terms.update(zip(("total", "content", "style", "tv"), vec))
+                return vec[0]
             feats = self._features(self._seen(x), layers) if layers else {}
             c = sum((w * losses.content_loss(feats[n], content_targets[n]) for n, w in self.content_layers.items()),
                     x.new_zeros(()))
@@ -288,7 +331,6 @@ class _Run:
             terms.update(total=total.detach(), content=c.detach(), style=s.detach(), tv=t.detach())
             return total
 
-        level_start = time.perf_counter()
         for i in range(iters):
             if self.is_cancelled():
                 raise Cancelled("cancelled")
@@ -299,16 +341,21 @@ class _Run:
             self.step += 1
             self.last_losses = {k: float(v) for k, v in terms.items()}
             if self.progress is not None:
-                rate = (time.perf_counter() - level_start) / (i + 1)
-                self.progress(Progress(
-                    step=self.step, total=self.total, level=li + 1, levels=len(self.levels),
-                    losses=dict(self.last_losses), elapsed=time.perf_counter() - self.started,
-                    eta=self._eta(li, iters - i - 1, rate, side),
-                    _render=lambda max_side, x=x: self.render(x.detach(), max_side),
-                ))
+                self._report(li, iters, i + 1, level_start, side, x, plan.tiles, plan.tiles)
         if self.is_cancelled():
             raise Cancelled("cancelled")
         return x
+
+    def _report(self, li, iters, done, level_start, side, x, tile, tiles) -> None:
+        """A progress event: after a step (`done` steps of this level), or within one at a tiled level."""
+        steps = done + (tile / tiles if tile < tiles else 0)  # of this level, a step in tiles counted in part
+        rate = (time.perf_counter() - level_start) / max(steps, 1e-9)
+        self.progress(Progress(
+            step=self.step, total=self.total, level=li + 1, levels=len(self.levels),
+            losses=dict(self.last_losses), elapsed=time.perf_counter() - self.started,
+            eta=self._eta(li, iters - done, rate, side), tile=tile, tiles=tiles,
+            _render=lambda max_side, x=x: self.render(x.detach(), max_side),
+        ))
 
     def _eta(self, li, left_here, rate, side) -> float:
         """Seconds left: this level's pace, scaled by pixel count for the finer levels."""
@@ -449,6 +496,20 @@ def _cancel_check(cancel) -> Callable[[], bool]:
     return cancel
 
 
-def _oom_message(params: StyleParams, device: torch.device) -> str:
-    return (f"out of memory on {device} at size {params.size}: use a smaller size, "
-            f"precision bfloat16, or --device cpu")
+def resolve_size(params: StyleParams, content: Picture) -> StyleParams:
+    """`params` with size 0 (original) replaced by the content's longest side."""
+    if params.size:
+        return params
+    side = max(content.height, content.width)
+    if side > 16384:
+        raise ParamError("size", f"original: {content.source or 'the content'} is {content.width}×{content.height}, "
+                                 "longer than 16384 pixels; give a size")
+    return params.replace(size=max(16, side))
+
+
+def _oom_message(params: StyleParams, device: torch.device, run: "_Run | None" = None) -> str:
+    plan = run.plan if run is not None else None
+    where = f" ({plan.describe()})" if plan is not None else ""
+    budget = "" if params.max_memory is None else f" with --max-memory {params.max_memory:,} bytes"
+    return (f"out of memory on {device} at size {params.size}{where}{budget}: use a smaller size or "
+            f"max_memory (which tiles the level), tile PX, precision bfloat16, or --device cpu")

@@ -229,14 +229,15 @@ def tiled_grams(features: Features, image: torch.Tensor, layers: Sequence[str], 
 
 from .vgg import _CHANNELS  # noqa: E402  (channel counts per block)
 
-# Activation bytes that one loss-and-gradient evaluation holds at its peak, as a multiple of the sum
-# of every layer's output up to the deepest in use (autograd keeps about one output per layer, and
-# the backward pass adds the gradients of the largest layers). Measured on the CPU as peak RSS
-# growth over one evaluation (benchmarks/bench_tiled.py --calibrate): 1.9-2.1 at 128-384 px.
-ACTIVATION_FACTOR = 2.2
+# Peak bytes of one loss-and-gradient evaluation beyond its inputs: ACTIVATION_FACTOR × the sum of
+# every layer's output up to the deepest in use (autograd keeps about half of them, the backward pass
+# adds gradients of the largest), plus RUNTIME_BYTES of workspace. Measured on the CPU as peak RSS
+# growth (benchmarks/bench_tiled.py --calibrate): 0.74-0.76 × the sum + 90-115 MiB at 256-512 px.
+ACTIVATION_FACTOR = 1.0
+RUNTIME_BYTES = 128 << 20
 # Share of the budget a plan may fill: allocator fragmentation and the framework's own workspace.
 BUDGET_SHARE = 0.85
-NETWORK_BYTES = 80 << 20  # VGG-19's convolutions in float32
+MIN_TILE = 16  # the smallest interior "auto" takes (px), rounded up to the stride
 # L-BFGS history lengths tried, longest first, when the history of a large image would not fit.
 HISTORY_CHOICES = (100, 50, 20, 10, 5)
 
@@ -253,6 +254,18 @@ def activation_bytes(h: int, w: int, layers: Sequence[str], precision: str = "fl
         else:
             ch = _CHANNELS[int(name[4])]
         total += ch * hh * ww * size
+    return total
+
+
+def network_bytes(layers: Sequence[str]) -> int:
+    """Bytes of VGG-19's float32 weights up to the deepest of `layers`."""
+    deepest = max(layers, key=VGG19_LAYERS.index)
+    total, cin = 0, 3
+    for name in VGG19_LAYERS[: VGG19_LAYERS.index(deepest) + 1]:
+        if name.startswith("conv"):
+            cout = _CHANNELS[int(name[4])]
+            total += (cin * 9 + 1) * cout * 4
+            cin = cout
     return total
 
 
@@ -276,6 +289,10 @@ class Plan:
     targets_on_host: bool
     peak_bytes: int  # the model's estimate
     budget: int
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_bytes <= self.budget * BUDGET_SHARE
 
     def describe(self) -> str:
         how = (f"{self.tiles} tiles of {self.tile} px (+{self.margin} px margins)" if self.tile
@@ -310,7 +327,8 @@ def plan_level(h: int, w: int, layers: Sequence[str], content_layers: Sequence[s
     """The plan for an h×w level within `budget` bytes.
 
     `tile` "off" runs whole whatever the estimate, an int is the interior side asked for, "auto"
-    runs whole when the estimate fits and otherwise takes the largest tile that does. The L-BFGS
+    runs whole when the estimate fits and otherwise takes the largest tile that does (`Plan.fits`
+    is False when not even the smallest does). The L-BFGS
     history is kept at its full 100 pairs where it fits beside the rest; at larger sizes it is
     shortened (to 50, 20, 10, 5: the longest that fits), and where even 5 pairs do not fit on a
     GPU it goes to the host. Why shorten first: measured at 256 px (benchmarks/bench_tiled.py
@@ -322,7 +340,7 @@ def plan_level(h: int, w: int, layers: Sequence[str], content_layers: Sequence[s
     usable = int(budget * BUDGET_SHARE)
     image = 3 * h * w * 4
     targets = content_target_bytes(h, w, content_layers)
-    fixed = NETWORK_BYTES + 4 * image  # x, its gradient, the optimiser's working vectors
+    fixed = network_bytes(layers) + RUNTIME_BYTES + 4 * image  # x, its gradient, the optimiser's working vectors
     history, on_host = 0, False
     if optimizer == "lbfgs":
         fits = [n for n in HISTORY_CHOICES if 2 * (n + 1) * image <= usable // 2]
@@ -343,9 +361,10 @@ def plan_level(h: int, w: int, layers: Sequence[str], content_layers: Sequence[s
     if isinstance(tile, int):
         px = max(geo.stride, tile // geo.stride * geo.stride)
         return make(px, len(plan_tiles(h, w, px, geo)), base + _tile_peak(px, geo, layers, precision), targets_on_host)
-    px = max(geo.stride, (max(h, w) + geo.stride - 1) // geo.stride * geo.stride)
-    while px > geo.stride and base + _tile_peak(px, geo, layers, precision) > usable:
-        px = max(geo.stride, (px * 3 // 4) // geo.stride * geo.stride)
+    smallest = max(geo.stride, -(-MIN_TILE // geo.stride) * geo.stride)
+    px = max(smallest, -(-max(h, w) // geo.stride) * geo.stride)
+    while px > smallest and base + _tile_peak(px, geo, layers, precision) > usable:
+        px = max(smallest, (px * 3 // 4) // geo.stride * geo.stride)
     return make(px, len(plan_tiles(h, w, px, geo)), base + _tile_peak(px, geo, layers, precision), targets_on_host)
 
 

@@ -7,10 +7,16 @@ can fail); one runs in float32, the engine's precision.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from nst_core import color, losses, tiling
+import nst_core
+from nst_core import Picture, Session, StyleParams, color, losses, tiling
+from nst_core.errors import OutOfMemory
+from nst_core.images import load_image, resize_picture
+from nst_core.samples import sample_path
 from nst_core.objective import Objective
 from nst_core.weights import load_network
 
@@ -90,8 +96,8 @@ def test_tiles_cover_the_image_once():
 
 
 @pytest.mark.parametrize("h, w, px, pooling, luminance", [
-    (61, 77, 16, "avg", False),   # odd sizes, PX 16 (the smallest)
-    (61, 77, 20, "max", False),   # max pooling; PX 20 rounds down to 20 (stride 4)
+    (45, 59, 16, "avg", False),   # odd sizes, PX 16 (the smallest)
+    (45, 59, 20, "max", False),   # max pooling; PX 20 rounds down to 20 (stride 4)
     (48, 48, 12, "avg", True),    # luminance: the network sees a pointwise function of the crop
     (57, 40, 200, "avg", False),  # one tile larger than the image: the whole image
 ])
@@ -132,3 +138,88 @@ def test_tiled_style_targets_equal_whole():
     for n in names:
         assert m[n] == whole[n].shape[-1] * whole[n].shape[-2]
         torch.testing.assert_close(grams[n], losses.gram(whole[n]), rtol=1e-10, atol=0)
+
+
+# ---- the engine ------------------------------------------------------------------------------------
+
+def _params(**changes) -> StyleParams:
+    base = dict(weights="random", device="cpu", size=80, iterations=10, init="content", seed=1,
+                content_layers=SHALLOW_CONTENT, style_layers=SHALLOW_STYLE)
+    base.update(changes)
+    return StyleParams(**base)
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = ((a - b) ** 2).mean().item()
+    return math.inf if mse == 0 else 10 * math.log10(1 / mse)
+
+
+def _content_with_alpha() -> Picture:
+    pic = load_image(sample_path("chelsea.png"))
+    pic = resize_picture(pic, 96)
+    h, w = pic.height, pic.width
+    ramp = (torch.arange(w).float() / (w - 1) * 255).round().to(torch.int32).expand(h, w).clone()
+    return Picture(pic.rgb, ramp, pic.bit_depth, "chelsea-alpha")
+
+
+_SESSION = Session()
+
+
+@pytest.mark.parametrize("changes, floor", [
+    # measured: L-BFGS from the content 122 dB after 10 steps; Adam from noise 84 dB after 20; luminance
+    # and histogram likewise. L-BFGS from noise amplifies float rounding (40 dB after 5 steps, as any
+    # 1e-7 change of its first gradients would), so the runs compare from the content or with Adam.
+    (dict(), 90.0),
+    (dict(optimizer="adam", init="noise", iterations=12), 70.0),
+    (dict(preserve_color="luminance", pooling="max"), 70.0),
+    (dict(preserve_color="histogram", tv_weight=1e-3), 70.0),
+])
+def test_whole_run_tiled_equals_untiled(changes, floor):
+    content, style = _content_with_alpha(), sample_path("gravel.png")
+    whole = nst_core.stylize(content, [style], _params(tile="off", **changes), session=_SESSION)
+    events = []
+    tiled = nst_core.stylize(content, [style], _params(tile=16, **changes), session=_SESSION,
+                             progress=lambda e: events.append((e.step, e.tile, e.tiles)))
+    assert tiled.picture.rgb.shape == whole.picture.rgb.shape
+    assert _psnr(tiled.picture.rgb, whole.picture.rgb) > floor
+    assert torch.equal(tiled.picture.alpha, whole.picture.alpha) and torch.equal(tiled.picture.alpha.float(),
+                                                                                   resize_alpha_like(content, tiled))
+    tiles = events[-1][2]
+    assert tiles > 1 and events[-1] == (changes.get("iterations", 10), tiles, tiles)
+    # after step 1 (all tiles done), then tile by tile within step 2
+    assert [t for s, t, n in events if s == 1] == [tiles, *range(1, tiles)]
+
+
+def resize_alpha_like(content: Picture, result) -> torch.Tensor:
+    from nst_core.engine import resize_alpha
+
+    return resize_alpha(content.alpha, result.picture.height, result.picture.width, content.max_value).float()
+
+
+def test_size_original_keeps_the_content_size():
+    content = resize_picture(load_image(sample_path("coffee.png")), 70)
+    r = nst_core.stylize(content, [sample_path("gravel.png")], _params(size=0, iterations=2, tile=32),
+                         session=_SESSION)
+    assert (r.picture.width, r.picture.height) == (content.width, content.height)
+    assert r.params.size == 70
+
+
+def test_planner_tiles_only_what_does_not_fit():
+    layers, content = list(SHALLOW_STYLE), list(SHALLOW_CONTENT)
+    roomy = tiling.plan_level(384, 384, layers, content, budget=1 << 30)
+    assert roomy.tile == 0 and roomy.tiles == 1 and roomy.history == 100 and roomy.fits
+    tight = tiling.plan_level(384, 384, layers, content, budget=400 << 20)
+    assert tight.tile and tight.tiles > 1 and tight.fits and tight.peak_bytes <= (400 << 20) * tiling.BUDGET_SHARE
+    assert tight.history < 100  # a full history would take most of the budget
+    assert not tiling.plan_level(384, 384, layers, content, budget=150 << 20).fits
+    assert tiling.plan_level(384, 384, layers, content, budget=1 << 30, tile=40).tile == 40
+    assert tiling.plan_level(384, 384, layers, content, budget=1 << 20, tile="off").tile == 0
+
+
+def test_out_of_budget_is_a_clear_error():
+    content = resize_picture(load_image(sample_path("coffee.png")), 384)
+    with pytest.raises(OutOfMemory) as e:
+        nst_core.stylize(content, [sample_path("gravel.png")], _params(size=384, max_memory=150 << 20),
+                         session=_SESSION)
+    text = str(e.value)
+    assert "size 384" in text and "150 MiB budget" in text and "tiles of 16 px" in text, text
