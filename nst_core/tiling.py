@@ -237,6 +237,10 @@ ACTIVATION_FACTOR = 1.0
 RUNTIME_BYTES = 128 << 20
 # Share of the budget a plan may fill: allocator fragmentation and the framework's own workspace.
 BUDGET_SHARE = 0.85
+# What a tiled level keeps per pixel of its image, whatever the tiles: x, its gradient and two
+# working vectors (4 × 12 B), the shortest L-BFGS history (2 × 6 × 12 B) and the content targets at
+# relu4_2 (512 channels at 1/64 of the pixels: 32 B); the job service's work limit follows it.
+TILED_BYTES_PER_PIXEL = 256
 MIN_TILE = 16  # the smallest interior "auto" takes (px), rounded up to the stride
 # L-BFGS history lengths tried, longest first, when the history of a large image would not fit.
 HISTORY_CHOICES = (100, 50, 20, 10, 5)
