@@ -333,9 +333,9 @@ def plan_level(h: int, w: int, layers: Sequence[str], content_layers: Sequence[s
     `tile` "off" runs whole whatever the estimate, an int is the interior side asked for, "auto"
     runs whole when the estimate fits and otherwise takes the largest tile that does (`Plan.fits`
     is False when not even the smallest does). The L-BFGS
-    history is kept at its full 100 pairs where it fits beside the rest; at larger sizes it is
-    shortened (to 50, 20, 10, 5: the longest that fits), and where even 5 pairs do not fit on a
-    GPU it goes to the host. Why shorten first: measured at 256 px (benchmarks/bench_tiled.py
+    history is kept at its full 100 pairs where it fits in half the budget beside the rest (with the
+    smallest tiles); at larger sizes it is shortened (to 50, 20, 10, 5: the longest that fits),
+    and where even 5 pairs do not fit on a GPU it goes to the host. Why shorten first: measured at 256 px (benchmarks/bench_tiled.py
     --history), 20 pairs reach within a few per cent of 100's loss after 100 steps, while a host
     history costs a transfer of the whole history each step.
     `same_device_host` is True on the CPU, where the host is the device (nothing moves there).
@@ -347,7 +347,9 @@ def plan_level(h: int, w: int, layers: Sequence[str], content_layers: Sequence[s
     fixed = network_bytes(layers) + RUNTIME_BYTES + 4 * image  # x, its gradient, the optimiser's working vectors
     history, on_host = 0, False
     if optimizer == "lbfgs":
-        fits = [n for n in HISTORY_CHOICES if 2 * (n + 1) * image <= usable // 2]
+        least = fixed + targets + _tile_peak(max(geo.stride, MIN_TILE), geo, layers, precision)
+        room = min(usable // 2, usable - least)  # never more than half, and the smallest tiles must fit beside it
+        fits = [n for n in HISTORY_CHOICES if 2 * (n + 1) * image <= room]
         history = fits[0] if fits else HISTORY_CHOICES[-1]
         on_host = not fits and not same_device_host
     else:
