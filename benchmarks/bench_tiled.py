@@ -19,7 +19,7 @@ Memory: on CUDA ``torch.cuda.max_memory_allocated``; on the CPU the peak residen
 (VmHWM, reset through /proc/self/clear_refs, minus VmRSS before). Random weights (the figures do
 not depend on what the network has learnt).
 
-    .venv/bin/python benchmarks/bench_tiled.py                       # cpu: 128-384 px, 300 MiB budget
+    .venv/bin/python benchmarks/bench_tiled.py                       # cpu: 128-512 px, 300 MiB budget
     .venv/bin/python benchmarks/bench_tiled.py --quick --device cpu  # seconds (gpu_check's dry run)
     python3 benchmarks/bench_tiled.py --device cuda --photo          # 1K/2K/4K/8K within 24 GB, 24 MP
 """
@@ -251,7 +251,7 @@ def main(argv=None) -> int:
         args.sizes = ([1024, 2048] if args.quick else [1024, 2048, 4096, 8192]) if cuda else \
                      ([96, 192] if args.quick else [128, 256, 384, 512])
     if args.budget is None:
-        args.budget = (24 << 30) if cuda else (200 << 20)
+        args.budget = (24 << 30) if cuda else ((200 if args.quick else 300) << 20)
     args.paper = args.paper or cuda
     if args.quick:
         args.steps = min(args.steps, 3)
