@@ -275,3 +275,28 @@ def test_a_size_that_does_not_fit_completes_tiled_under_the_budget(tmp_path):
     assert (tiled["width"], tiled["height"]) == (whole["width"], whole["height"]) == (512, 341)
     assert whole["growth"] > budget, whole
     assert tiled["growth"] < budget, (tiled, whole)
+
+
+def test_cancel_within_a_tiled_step():
+    content = resize_picture(load_image(sample_path("coffee.png")), 64)
+    events = []
+
+    def progress(e):
+        events.append((e.step, e.tile, e.tiles))
+
+    with pytest.raises(nst_core.Cancelled):
+        nst_core.stylize(content, [sample_path("gravel.png")], _params(size=64, tile=16, iterations=3),
+                         session=_SESSION, progress=progress, cancel=lambda: len(events) >= 3)
+    assert events == [(0, 1, events[0][2]), (0, 2, events[0][2]), (0, 3, events[0][2])]  # stopped in step 1
+    assert events[0][2] > 3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_tiled_equals_untiled_on_cuda(precision):
+    content, style = _content_with_alpha(), sample_path("gravel.png")
+    p = _params(device="cuda", precision=precision, optimizer="adam", init="noise", iterations=12)
+    whole = nst_core.stylize(content, [style], p.replace(tile="off"), session=_SESSION)
+    tiled = nst_core.stylize(content, [style], p.replace(tile=16), session=_SESSION)
+    assert _psnr(tiled.picture.rgb, whole.picture.rgb) > (60.0 if precision == "float32" else 35.0)
