@@ -232,7 +232,8 @@ from .vgg import _CHANNELS  # noqa: E402  (channel counts per block)
 # Peak bytes of one loss-and-gradient evaluation beyond its inputs: ACTIVATION_FACTOR × the sum of
 # every layer's output up to the deepest in use (autograd keeps about half of them, the backward pass
 # adds gradients of the largest), plus RUNTIME_BYTES of workspace. Measured on the CPU as peak RSS
-# growth (benchmarks/bench_tiled.py --calibrate): 0.74-0.76 × the sum + 90-115 MiB at 256-512 px.
+# growth (benchmarks/bench_tiled.py --calibrate, 256-512 px): 0.84-1.36 × the sum, workspace
+# included; the model's 1.0 × the sum + 128 MiB stays above every measurement.
 ACTIVATION_FACTOR = 1.0
 RUNTIME_BYTES = 128 << 20
 # Share of the budget a plan may fill: allocator fragmentation and the framework's own workspace.
@@ -335,9 +336,10 @@ def plan_level(h: int, w: int, layers: Sequence[str], content_layers: Sequence[s
     is False when not even the smallest does). The L-BFGS
     history is kept at its full 100 pairs where it fits in half the budget beside the rest (with the
     smallest tiles); at larger sizes it is shortened (to 50, 20, 10, 5: the longest that fits),
-    and where even 5 pairs do not fit on a GPU it goes to the host. Why shorten first: measured at 256 px (benchmarks/bench_tiled.py
-    --history), 20 pairs reach within a few per cent of 100's loss after 100 steps, while a host
-    history costs a transfer of the whole history each step.
+    and where even 5 pairs do not fit on a GPU it goes to the host. Why shorten first: measured at
+    192 px with the paper's layers (benchmarks/bench_tiled.py --history, 100 steps from noise), the
+    loss reached was 1.007× history 100's with 50 pairs, 1.021× with 20, 1.09× with 10 or 5; a host
+    history moves the whole history through the device each step, and Adam needs many more steps.
     `same_device_host` is True on the CPU, where the host is the device (nothing moves there).
     """
     geo = geometry(list(layers))
