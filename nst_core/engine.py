@@ -60,6 +60,7 @@ class Result:
     device: str
     weights_label: str
     weights_note: str | None = None
+    loop: str = ""  # how each level's steps ran: "graph" (a captured CUDA graph, replayed) or "eager (why)"
 
 
 class Session:
@@ -162,6 +163,7 @@ def stylize(
         device=devices.describe(device),
         weights_label=getattr(net, "weights_label", params.weights),
         weights_note=RANDOM_WEIGHTS_NOTE if getattr(net, "is_random", False) else None,
+        loop="; ".join(run.loop_modes),
     )
 
 
@@ -189,6 +191,7 @@ class _Run:
         self.style_layers = {k: w for k, w in params.style_layers.items() if w > 0} if params.style_weight > 0 else {}
         self.last_losses = {"total": 0.0, "content": 0.0, "style": 0.0, "tv": 0.0}
         self.step = 0
+        self.loop_modes: list[str] = []  # per level: CapturedStep's mode (and why eager)
 
     # ---- images at a level ----------------------------------------------------------------------
 
@@ -275,6 +278,7 @@ class _Run:
         try:
             self._run(captured, x, iters, li, side)
         finally:
+            self.loop_modes.append(captured.mode if captured.reason is None else f"{captured.mode} ({captured.reason})")
             captured.release()
         return x
 
