@@ -271,12 +271,13 @@ class _Run:
         """`iters` optimiser steps at one size: objective → optimiser → step (captured on CUDA) → run."""
         x = x.detach().to(torch.float32).clone(memory_format=torch.contiguous_format).requires_grad_(True)
         objective = self._objective(content_rgb, side)
-        step = make_step(objective, x, self._optimiser(x))
+        # A history longer than the level's steps would never fill: the same steps with less memory.
+        step = make_step(objective, x, self._optimiser(x, history=min(lbfgs.DEFAULT_HISTORY, max(1, iters))))
         if self.p.optimizer == "adam":
             step = _clamped(step, x)
         captured = CapturedStep(step, self.device)
         try:
-            self._run(captured, x, iters, li, side)
+            self._steps(captured, x, iters, li, side)
         finally:
             self.loop_modes.append(captured.mode if captured.reason is None else f"{captured.mode} ({captured.reason})")
             captured.release()
@@ -302,7 +303,7 @@ class _Run:
             return lbfgs.make(x, lr=self.p.step_size, history_size=history)
         return torch.optim.Adam([x], lr=self.p.step_size)
 
-    def _run(self, step, x, iters, li, side) -> None:
+    def _steps(self, step, x, iters, li, side) -> None:
         """The level's steps, with progress as the losses arrive (a step or two late on a GPU)."""
         level_start = time.perf_counter()
         first = self.step + 1
