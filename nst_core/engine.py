@@ -43,8 +43,8 @@ class Progress:
     def image(self, max_side: int | None = None) -> Picture:
         """The current result (colour preserved, alpha put back); valid only during the callback.
 
-        Rendered only when asked. On a GPU the losses may be reported a step or two late, and the
-        image is then that many steps further on than they are."""
+        Rendered only when asked. On a GPU the losses are reported a step late, and the image may
+        then be a step further on than they are."""
         return self._render(max_side)
 
     def to_mapping(self) -> dict:
@@ -304,7 +304,7 @@ class _Run:
         return torch.optim.Adam([x], lr=self.p.step_size)
 
     def _steps(self, step, x, iters, li, side) -> None:
-        """The level's steps, with progress as the losses arrive (a step or two late on a GPU)."""
+        """The level's steps, with progress as the losses arrive (a step late on a GPU)."""
         level_start = time.perf_counter()
         first = self.step + 1
 
@@ -322,7 +322,9 @@ class _Run:
                 _render=lambda max_side: self.render(x.detach(), max_side),
             ))
 
-        run_steps(step, iters, self.device, report=report, is_cancelled=self.is_cancelled, first=first)
+        # depth 1: the host queues the next step while the device runs this one, so the device never
+        # waits, losses come one step late, and a cancel set in a callback lets at most one more step run.
+        run_steps(step, iters, self.device, report=report, is_cancelled=self.is_cancelled, first=first, depth=1)
 
     def _eta(self, li, left_here, rate, side) -> float:
         """Seconds left: this level's pace, scaled by pixel count for the finer levels."""

@@ -250,6 +250,23 @@ def test_engine_steps_on_cuda_do_not_synchronise(monkeypatch):
 
 
 @pytest.mark.gpu
+def test_on_cuda_progress_is_at_most_one_step_late_and_a_cancel_lands_within_one_step(monkeypatch):
+    needs_cuda()
+    watch = StepWatch(monkeypatch)
+    seen = []
+    stylize(cuda_params(iterations=12), progress=lambda e: seen.append((e.step, watch.taken)))
+    assert [s for s, _ in seen] == list(range(1, 13))
+    assert all(0 <= taken - s <= 1 for s, taken in seen), seen
+
+    watch = StepWatch(monkeypatch)
+    cancel = threading.Event()
+    with pytest.raises(Cancelled):
+        stylize(cuda_params(iterations=60), cancel=cancel,
+                progress=lambda e: cancel.set() if e.step == 8 else None)
+    assert 8 <= watch.taken <= 9
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("tf32,precision", [("1", "float32"), ("1", "bfloat16")])
 def test_tf32_and_bf16_runs_finish_with_a_sane_loss(monkeypatch, tf32, precision):
     needs_cuda()
