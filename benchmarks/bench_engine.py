@@ -296,11 +296,12 @@ def measure_size(content: Picture, style: Picture, size: int, args, device: torc
 
     from nst_core.lbfgs import implementation
 
-    used = implementation()  # the loop's L-BFGS ($NST_LBFGS); the other one beside it
-    lbfgs = lbfgs_bookkeeping(3 * h * w, device, window=(warmup + 1, warmup + steps), kind=used)
-    other = lbfgs_bookkeeping(3 * h * w, device, window=(warmup + 1, warmup + steps),
-                              kind="torch" if used == "device" else "device")
-    by_kind = {used: lbfgs, ("torch" if used == "device" else "device"): other}
+    used = implementation()  # the loop's L-BFGS ($NST_LBFGS), with the loop's history; both at full history
+    window = (warmup + 1, warmup + steps)
+    lbfgs = lbfgs_bookkeeping(3 * h * w, device, window, kind=used, full_steps=0,
+                              history=min(LBFGS_HISTORY, warmup + steps))
+    by_kind = {k: lbfgs_bookkeeping(3 * h * w, device, window, kind=k) for k in ("device", "torch")}
+    lbfgs["full"] = by_kind[used]["full"]
     loop_s, bare_s, head_s = _median(rec["loop"]), _median(rec["bare"]), _median(rec["head"])
     rest = loop_s - bare_s - head_s - lbfgs["at_window"]
     ratio = _median(rec["ratio"])
@@ -327,20 +328,20 @@ def measure_size(content: Picture, style: Picture, size: int, args, device: torc
 
 
 def lbfgs_bookkeeping(numel: int, device: torch.device, window: tuple[int, int],
-                      full_steps: int = 12, kind: str = "torch") -> dict:
+                      full_steps: int = 12, kind: str = "torch", history: int = LBFGS_HISTORY) -> dict:
     """Seconds per L-BFGS step (`kind`: nst_core.lbfgs's device one or torch.optim.LBFGS with
-    max_iter=1; history 100, as the engine) minus its closure.
+    max_iter=1; `history` pairs: the engine takes min(100, the level's steps)) minus its closure.
 
     The closure is the gradient of a badly conditioned quadratic, so the curvature condition holds
     and the history fills up; the median is taken over the steps of `window` (the loop's measured
-    steps) and over `full_steps` steps once the history is full.
+    steps) and, unless `full_steps` is 0, over `full_steps` steps once the history is full.
     """
     gen = torch.Generator().manual_seed(2)
     d = (10 ** (-4 * torch.rand(numel, generator=gen))).to(device)
     x = torch.rand(numel, generator=gen).to(device).requires_grad_(True)
     from nst_core import lbfgs
 
-    opt = lbfgs.make(x, lr=0.05, history_size=LBFGS_HISTORY, kind=kind)
+    opt = lbfgs.make(x, lr=0.05, history_size=history, kind=kind)
     inside = [0.0]
 
     def closure():
@@ -353,14 +354,14 @@ def lbfgs_bookkeeping(numel: int, device: torch.device, window: tuple[int, int],
         return loss
 
     times, hist = [], []
-    for _ in range(LBFGS_HISTORY + 1 + full_steps):
+    for _ in range(history + 1 + full_steps if full_steps else window[1]):
         t0 = _now(device)
         opt.step(closure)
         times.append(_now(device) - t0 - inside[0])
         hist.append(len(opt.state[x].get("old_dirs", [])) if kind == "torch" else opt.history_len())
     lo, hi = window
     return {"at_window": _median(times[lo - 1:hi]), "history_at_window": hist[hi - 1],
-            "full": _median(times[LBFGS_HISTORY + 1:]), "history_full": hist[-1]}
+            "full": _median(times[history + 1:]) if full_steps else None, "history_full": hist[-1]}
 
 
 # ---- 3: the CUDA targets ----------------------------------------------------------------------
@@ -447,10 +448,18 @@ def _set_precision(device: torch.device, name: str) -> str:
     return precision
 
 
-def engine_run(content: Picture, style: Picture, side: int, steps: int, args, device: torch.device,
-               name: str, kind: str, sync_window: tuple[int, int] | None = None, stop_after: int | None = None) -> dict:
-    """stylize() of the centre square at side x side, `steps` steps, in a session with the network
-    loaded (style targets computed inside the timed call); steady ms per step between progress
+def _loop_session(args, device: torch.device) -> Session:
+    """A session with the network loaded that keeps no style targets (each run computes its own)."""
+    session = Session(max_targets=0)
+    session.network(_params(TARGET_SIZE, 1, args), device)
+    return session
+
+
+def engine_run(session: Session, content: Picture, style: Picture, side: int, steps: int, args,
+               device: torch.device, name: str, kind: str, sync_window: tuple[int, int] | None = None,
+               stop_after: int | None = None) -> dict:
+    """stylize() of the centre square at side x side, `steps` steps, in `session` (network loaded,
+    style targets computed inside the timed call: see _loop_session); steady ms per step between progress
     reports (they arrive as the device finishes the steps); host synchronisations per step counted
     with torch.cuda's sync debug mode ("warn") between the reports of the steps in `sync_window`.
     `stop_after`: cancel once that step is reported (a long run's memory, a few steps' time)."""
@@ -461,7 +470,6 @@ def engine_run(content: Picture, style: Picture, side: int, steps: int, args, de
     tf32, precision = PRECISIONS[name]
     params = StyleParams(size=side, iterations=steps, levels=1, weights=args.weights, device=args.device_name,
                          seed=0, precision=precision)
-    session = _warm_session(params, device)
     cuda = device.type == "cuda"
     stamps, totals = [], []
     stop = threading.Event()
@@ -537,8 +545,8 @@ def _free(device):
 
 def gpu_loop(content: Picture, style: Picture, args, device: torch.device) -> dict:
     side, steps = args.loop_size, args.loop_steps
-    p = _params(side, steps, args)
-    net = _warm_session(p, device).network(p, device)
+    session = _loop_session(args, device)
+    net = session.network(_params(side, steps, args), device)
     # host syncs counted over 20 steps with a full L-BFGS history where the run is long enough
     start = max(2, min(LBFGS_HISTORY + 5, steps - 25))
     window = (start, start + 20) if steps >= start + 24 else None
@@ -546,8 +554,8 @@ def gpu_loop(content: Picture, style: Picture, args, device: torch.device) -> di
     for name in args.loop_precisions:
         for kind, label in IMPLEMENTATIONS.items():
             try:
-                engine_run(content, style, side, min(steps, 6), args, device, name, kind)  # cuDNN autotuning
-                r = engine_run(content, style, side, steps, args, device, name, kind, window)
+                engine_run(session, content, style, side, min(steps, 6), args, device, name, kind)  # autotuning
+                r = engine_run(session, content, style, side, steps, args, device, name, kind, window)
             except Exception as e:  # one failing configuration must not hide the others
                 r = {"error": f"{type(e).__name__}: {e}"}
             r.update(precision=name, implementation=label)
@@ -584,12 +592,14 @@ def gpu_memory(content: Picture, style: Picture, args, device: torch.device) -> 
     untiled (bounded binary search)."""
     side = args.loop_big
     out = {"big": side, "peak": [], "largest": []}
+    session = _loop_session(args, device)
     mem = PeakMemory(device)
     for name in args.loop_precisions[1:] or args.loop_precisions:
         _free(device)
         base = mem.reset()
         try:
-            r = engine_run(content, style, side, TARGET_ITERATIONS, args, device, name, "device", stop_after=5)
+            r = engine_run(session, content, style, side, TARGET_ITERATIONS, args, device, name, "device",
+                           stop_after=5)
             peak, reserved = mem.peak()
             out["peak"].append({"precision": name, "history": LBFGS_HISTORY, "peak_allocated_bytes": peak - base,
                                 "peak_reserved_bytes": reserved, "steps": r["steps"], "wall_s": r["total_s"]})
@@ -603,12 +613,12 @@ def gpu_memory(content: Picture, style: Picture, args, device: torch.device) -> 
         names.append(args.loop_precisions[-1])
     for name in names:
         out["largest"].append(dict(precision=name, history=LBFGS_HISTORY,
-                                   **largest_square(content, style, device, name, args, len(names))))
+                                   **largest_square(session, content, style, device, name, args, len(names))))
         _log(args, f"largest square {name}: {out['largest'][-1]}")
     return out
 
 
-def largest_square(content, style, device, name, args, searches: int) -> dict:
+def largest_square(session, content, style, device, name, args, searches: int) -> dict:
     """Binary search (to 128 px) for the largest side at which a 500-step stylize() (history 100)
     runs its first 4 steps (the third captured) without running out of memory, within its share of
     --fit-seconds; the bracket found so far if time runs out."""
@@ -618,7 +628,7 @@ def largest_square(content, style, device, name, args, searches: int) -> dict:
     def fits(side):
         _free(device)
         try:
-            engine_run(content, style, side, TARGET_ITERATIONS, args, device, name, "device", stop_after=4)
+            engine_run(session, content, style, side, TARGET_ITERATIONS, args, device, name, "device", stop_after=4)
             tried[side] = "ok"
             return True
         except Exception as e:  # OOM, or a kernel that cannot take that many elements
