@@ -22,6 +22,7 @@ import torch
 from . import losses
 from .devices import exact_float32
 from .params import VGG19_LAYERS
+from .vgg import CHANNELS
 
 Features = Callable[[torch.Tensor, Sequence[str]], Mapping[str, torch.Tensor]]
 
@@ -145,13 +146,13 @@ class TiledObjective:
                 for t in self.tiles:
                     f = self.features(t.of_image(content), list(self.content_layers))
                     self.content_targets.append({
-                        n: losses._wide(t.interior(f[n], geo.jumps[n])).to(target_device or f[n].device, copy=True)
+                        n: losses.wide(t.interior(f[n], geo.jumps[n])).to(target_device or f[n].device, copy=True)
                         for n in self.content_layers})
 
     def loss_and_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(terms [total, content, style, tv] float32, ∂total/∂x) at x (3×H×W)."""
         x = x.detach()
-        zero = torch.zeros((), dtype=losses._wide(x).dtype, device=x.device)
+        zero = torch.zeros((), dtype=losses.wide(x).dtype, device=x.device)
         style_loss, coef = self._style_pass(x) if self.style else (zero, {})
         grad = torch.zeros_like(x)
         content_loss = zero.clone()
@@ -165,7 +166,7 @@ class TiledObjective:
                 outs, grads = [], []
                 for name in self.layers:
                     f = t.interior(feats[name], self.geo.jumps[name])
-                    wide = losses._wide(f)
+                    wide = losses.wide(f)
                     g = torch.zeros(f.shape, dtype=wide.dtype, device=f.device)
                     if name in coef:
                         with exact_float32():
@@ -196,7 +197,7 @@ class TiledObjective:
         tile's interior features into their gradient."""
         names = [n for n, _, _ in self.style]
         grams, m = tiled_grams(self.features, x, names, self.tiles, self.geo)
-        loss = torch.zeros((), dtype=losses._wide(x).dtype, device=x.device)
+        loss = torch.zeros((), dtype=losses.wide(x).dtype, device=x.device)
         coef = {}
         with exact_float32():
             for name, w, a in self.style:
@@ -227,7 +228,6 @@ def tiled_grams(features: Features, image: torch.Tensor, layers: Sequence[str], 
 
 # ---- the memory model and the planner ------------------------------------------------------------
 
-from .vgg import _CHANNELS  # noqa: E402  (channel counts per block)
 
 # Peak bytes of one loss-and-gradient evaluation beyond its inputs: ACTIVATION_FACTOR × the sum of
 # every layer's output up to the deepest in use (autograd keeps about half of them, the backward pass
@@ -257,7 +257,7 @@ def activation_bytes(h: int, w: int, layers: Sequence[str], precision: str = "fl
         if name.startswith("pool"):
             hh, ww = hh // 2, ww // 2
         else:
-            ch = _CHANNELS[int(name[4])]
+            ch = CHANNELS[int(name[4])]
         total += ch * hh * ww * size
     return total
 
@@ -268,7 +268,7 @@ def network_bytes(layers: Sequence[str]) -> int:
     total, cin = 0, 3
     for name in VGG19_LAYERS[: VGG19_LAYERS.index(deepest) + 1]:
         if name.startswith("conv"):
-            cout = _CHANNELS[int(name[4])]
+            cout = CHANNELS[int(name[4])]
             total += (cin * 9 + 1) * cout * 4
             cin = cout
     return total
@@ -277,7 +277,7 @@ def network_bytes(layers: Sequence[str]) -> int:
 def content_target_bytes(h: int, w: int, content_layers: Sequence[str]) -> int:
     """Bytes of the content targets (float32) of an h×w image."""
     geo_j = geometry(list(content_layers)).jumps if content_layers else {}
-    return sum(_CHANNELS[int(n[4])] * (h // j) * (w // j) * 4 for n, j in geo_j.items())
+    return sum(CHANNELS[int(n[4])] * (h // j) * (w // j) * 4 for n, j in geo_j.items())
 
 
 @dataclass(frozen=True)
@@ -368,7 +368,10 @@ def plan_level(h: int, w: int, layers: Sequence[str], content_layers: Sequence[s
     base = fixed + hist_bytes + (0 if targets_on_host else targets)
     if isinstance(tile, int):
         px = max(geo.stride, tile // geo.stride * geo.stride)
-        return make(px, len(plan_tiles(h, w, px, geo)), base + _tile_peak(px, geo, layers, precision), targets_on_host)
+        n = len(plan_tiles(h, w, px, geo))
+        if n == 1:  # one tile is the whole image, without the second pass
+            return make(0, 1, whole, False)
+        return make(px, n, base + _tile_peak(px, geo, layers, precision), targets_on_host)
     smallest = max(geo.stride, -(-MIN_TILE // geo.stride) * geo.stride)
     px = max(smallest, -(-max(h, w) // geo.stride) * geo.stride)
     while px > smallest and base + _tile_peak(px, geo, layers, precision) > usable:
