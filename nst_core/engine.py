@@ -327,7 +327,7 @@ class _Run:
                 on_tile=lambda k, n: self._on_tile(k, n, x))
         with torch.no_grad():
             content_targets = (
-                {n: f.detach() for n, f in self._features(self._seen(content_rgb), self.content_layers).items()}
+                {n: f.detach().float() for n, f in self._features(self._seen(content_rgb), self.content_layers).items()}
                 if self.content_layers else {}
             )
         return Objective(lambda x: self._features(self._seen(x), layers, cache=False),
