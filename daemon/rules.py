@@ -122,7 +122,7 @@ class Rule:
         p = self.params
         changed = {k: v for k, v in p.to_mapping().items() if v != StyleParams.default(k)}
         shown = ", ".join(f"{k}={_short(v)}" for k, v in changed.items()) or "all engine defaults"
-        return f"{shown}  (ratio alpha/beta={p.ratio:g}, {p.iterations} iterations at {p.size}px)"
+        return f"{shown}  (ratio alpha/beta={p.ratio:g}, {p.iterations} iterations at {f'{p.size}px' if p.size else 'the input size'})"
 
 
 @dataclass(frozen=True)

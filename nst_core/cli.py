@@ -102,7 +102,8 @@ _METAVARS = {
     "pooling": "|".join(params_mod.POOLINGS), "optimizer": "|".join(params_mod.OPTIMIZERS),
     "init": "|".join(params_mod.INITS) + "|PATH", "preserve_color": "|".join(params_mod.PRESERVE_COLORS),
     "weights": "|".join(params_mod.WEIGHTS_NAMES) + "|PATH", "device": "auto|cuda[:N]|mps|cpu",
-    "precision": "|".join(params_mod.PRECISIONS),
+    "precision": "|".join(params_mod.PRECISIONS), "size": "N|original", "max_memory": "BYTES",
+    "tile": "auto|off|PX",
 }
 
 
@@ -116,7 +117,7 @@ def params_from_args(args: argparse.Namespace) -> StyleParams:
     if getattr(args, "ratio", None) is not None:
         given["ratio"] = args.ratio
     for name in ("size", "iterations", "seed", "levels"):
-        if name in given:
+        if name in given and not (name == "size" and given[name].strip().lower() == "original"):
             given[name] = _int_option(name, given[name])
     return StyleParams.from_mapping(given)
 
@@ -148,7 +149,8 @@ def cmd_stylize(args) -> int:
 
     def on_progress(event: engine.Progress):
         report.progress(event)
-        if args.save_every and event.step % args.save_every == 0 and event.step < event.total:
+        step_done = event.tile == event.tiles  # not an event from within a tiled step
+        if args.save_every and step_done and event.step % args.save_every == 0 and event.step < event.total:
             images.save_image(event.image(), _step_path(out, event.step))
 
     try:
@@ -225,6 +227,7 @@ class _Reporter:
         filled = int(width * e.step / max(e.total, 1))
         rate = e.step / e.elapsed if e.elapsed > 0 else 0.0
         level = f" level {e.level}/{e.levels}" if e.levels > 1 else ""
+        level += f" tile {e.tile}/{e.tiles}" if e.tiles > 1 else ""
         line = (f"[{'#' * filled}{'.' * (width - filled)}] {e.step}/{e.total}{level}  loss {e.losses['total']:.4g}"
                 f"  {rate:.2f} it/s  ETA {_duration(e.eta)}")
         if self.tty:

@@ -13,9 +13,9 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import color, devices, lbfgs, losses
+from . import color, devices, lbfgs, losses, tiling
 from .capture import CapturedStep
-from .errors import ImageError, OutOfMemory, ParamError
+from .errors import Cancelled, ImageError, OutOfMemory, ParamError
 from .images import Picture, fit, load_image, resize_picture
 from .objective import TERMS, Objective, make_step
 from .params import INITS, StyleParams
@@ -38,6 +38,8 @@ class Progress:
     losses: dict
     elapsed: float
     eta: float | None
+    tile: int = 1  # the tile being worked on at a tiled level (all done: tile == tiles)
+    tiles: int = 1
     _render: Callable[[int | None], Picture] = field(repr=False, default=None)
 
     def image(self, max_side: int | None = None) -> Picture:
@@ -48,7 +50,8 @@ class Progress:
         return self._render(max_side)
 
     def to_mapping(self) -> dict:
-        return {k: getattr(self, k) for k in ("step", "total", "level", "levels", "losses", "elapsed", "eta")}
+        return {k: getattr(self, k) for k in ("step", "total", "level", "levels", "tile", "tiles", "losses",
+                                           "elapsed", "eta")}
 
 
 @dataclass
@@ -138,22 +141,24 @@ def stylize(
     session = session or Session()  # released when this call returns
     is_cancelled = _cancel_check(cancel)
     content = content if isinstance(content, Picture) else load_image(content)
+    params = resolve_size(params, content)
     styles = [s if isinstance(s, Picture) else load_image(s) for s in styles]
     blend = _blend_weights(params, len(styles))
     init_picture = _init_picture(params)
 
     device = devices.pick_device(params.device)
     devices.configure(device)
+    run = None
     try:
         net = session.network(params, device)
         run = _Run(params, net, device, content, styles, blend, init_picture, session, is_cancelled, progress, started)
         x = run.optimise()
         picture = run.render(x, None)
-    except torch.OutOfMemoryError as e:
-        raise OutOfMemory(_oom_message(params, device)) from e
+    except (torch.OutOfMemoryError, MemoryError) as e:
+        raise OutOfMemory(_oom_message(params, device, run)) from e
     except RuntimeError as e:
         if devices.is_out_of_memory(e):
-            raise OutOfMemory(_oom_message(params, device)) from e
+            raise OutOfMemory(_oom_message(params, device, run)) from e
         raise
     return Result(
         picture=picture,
@@ -192,6 +197,13 @@ class _Run:
         self.last_losses = {"total": 0.0, "content": 0.0, "style": 0.0, "tv": 0.0}
         self.step = 0
         self.loop_modes: list[str] = []  # per level: CapturedStep's mode (and why eager)
+        self.budget = params.max_memory or tiling.available_bytes(device)
+        self.plan: tiling.Plan | None = None  # the level's, once planned
+
+    def _plan(self, h: int, w: int, layers, content_layers=()) -> tiling.Plan:
+        return tiling.plan_level(h, w, list(layers), list(content_layers), budget=self.budget, tile=self.p.tile,
+                                 precision=self.p.precision, optimizer=self.p.optimizer,
+                                 same_device_host=self.device.type == "cpu")
 
     # ---- images at a level ----------------------------------------------------------------------
 
@@ -229,6 +241,13 @@ class _Run:
                    tuple(sorted(self.style_layers)), self.p.precision)
 
             def compute(s=s):
+                names = list(self.style_layers)
+                plan = self._plan(*s.shape[-2:], names)
+                if plan.tile:  # a style image too large to take whole: its Gram matrices tile by tile
+                    geo = tiling.geometry(names)
+                    grams, m = tiling.tiled_grams(self._features, s, names,
+                                                  tiling.plan_tiles(*s.shape[-2:], plan.tile, geo), geo)
+                    return {n: grams[n] / m[n] for n in names}
                 with torch.no_grad():
                     feats = self._features(s, self.style_layers)
                 return {n: losses.gram(f) / (f.shape[-1] * f.shape[-2]) for n, f in feats.items()}
@@ -268,11 +287,20 @@ class _Run:
         return x.detach()
 
     def _level(self, x, content_rgb, side, iters, li) -> torch.Tensor:
-        """`iters` optimiser steps at one size: objective → optimiser → step (captured on CUDA) → run."""
+        """`iters` optimiser steps at one size: plan → objective (whole or tiled) → optimiser → step
+        (captured on CUDA where whole) → run."""
         x = x.detach().to(torch.float32).clone(memory_format=torch.contiguous_format).requires_grad_(True)
-        objective = self._objective(content_rgb, side)
+        layers = set(self.content_layers) | set(self.style_layers)
+        self.plan = plan = self._plan(*x.shape[-2:], layers, self.content_layers)
+        if self.p.tile == "auto" and not plan.fits:
+            raise OutOfMemory(_oom_message(self.p, self.device, self))
+        self._level_at = (li, iters, side, time.perf_counter(), self.step)
+        objective = self._objective(content_rgb, side, x)
         # A history longer than the level's steps would never fill: the same steps with less memory.
-        step = make_step(objective, x, self._optimiser(x, history=min(lbfgs.DEFAULT_HISTORY, max(1, iters))))
+        history = min(plan.history or lbfgs.DEFAULT_HISTORY, max(1, iters))
+        step = make_step(objective, x, self._optimiser(x, history=history, on_host=plan.history_on_host))
+        if plan.tile:
+            step.capturable = False  # a Python loop over tiles with progress between them
         if self.p.optimizer == "adam":
             step = _clamped(step, x)
         captured = CapturedStep(step, self.device)
@@ -283,30 +311,57 @@ class _Run:
             captured.release()
         return x
 
-    def _objective(self, content_rgb, side) -> Objective:
-        """The level's loss: anything with ``loss_and_grad(x) -> (terms, grad)`` (TERMS order) fits here."""
+    def _objective(self, content_rgb, side, x):
+        """The level's loss, `Objective` or (where the plan tiles) `tiling.TiledObjective`: anything
+        with ``loss_and_grad(x) -> (terms, grad)`` (TERMS order) fits here."""
+        p, plan = self.p, self.plan
+        layers = set(self.content_layers) | set(self.style_layers)
+        style_targets = self._style_targets(content_rgb, side) if self.style_layers else {}
+        if plan is not None and plan.tile:
+            geo = tiling.geometry(list(layers))
+            return tiling.TiledObjective(
+                lambda im, names: self._features(self._seen(im), names),
+                tiling.plan_tiles(*x.shape[-2:], plan.tile, geo), geo, content_rgb,
+                self.content_layers, style_targets, self.style_layers, p.content_weight, p.style_weight, p.tv_weight,
+                target_device="cpu" if plan.targets_on_host else None,
+                on_tile=lambda k, n: self._on_tile(k, n, x))
         with torch.no_grad():
             content_targets = (
                 {n: f.detach().float() for n, f in self._features(self._seen(content_rgb), self.content_layers).items()}
                 if self.content_layers else {}
             )
-        style_targets = self._style_targets(content_rgb, side) if self.style_layers else {}
-        layers = set(self.content_layers) | set(self.style_layers)
-        p = self.p
         return Objective(lambda x: self._features(self._seen(x), layers, cache=False),
                          content_targets, self.content_layers, style_targets, self.style_layers,
                          p.content_weight, p.style_weight, p.tv_weight)
 
-    def _optimiser(self, x, history: int = lbfgs.DEFAULT_HISTORY):
-        """L-BFGS on the device ($NST_LBFGS=torch: torch.optim.LBFGS), or Adam."""
+    def _optimiser(self, x, history: int = lbfgs.DEFAULT_HISTORY, on_host: bool = False):
+        """L-BFGS on the device ($NST_LBFGS=torch: torch.optim.LBFGS), its history on the host where the
+        plan says so, or Adam."""
         if self.p.optimizer == "lbfgs":
-            return lbfgs.make(x, lr=self.p.step_size, history_size=history)
+            return lbfgs.make(x, lr=self.p.step_size, history_size=history,
+                              history_device="cpu" if on_host else None)
         return torch.optim.Adam([x], lr=self.p.step_size)
+
+    def _on_tile(self, k: int, n: int, x) -> None:
+        """Before tile k of n in a tiled step: cancel there, and report tile k − 1 done."""
+        if self.is_cancelled():
+            raise Cancelled("cancelled")
+        if self.progress is not None and k > 1:
+            li, iters, side, level_start, first_step = self._level_at
+            done = self.step - first_step + (k - 1) / n  # of this level's steps, the one in hand in part
+            rate = (time.perf_counter() - level_start) / done
+            self.progress(Progress(
+                step=self.step, total=self.total, level=li + 1, levels=len(self.levels),
+                losses=dict(self.last_losses), elapsed=time.perf_counter() - self.started,
+                eta=self._eta(li, iters - done, rate, side), tile=k - 1, tiles=n,
+                _render=lambda max_side: self.render(x.detach(), max_side),
+            ))
 
     def _steps(self, step, x, iters, li, side) -> None:
         """The level's steps, with progress as the losses arrive (a step late on a GPU)."""
         level_start = time.perf_counter()
         first = self.step + 1
+        tiles = self.plan.tiles if self.plan is not None else 1
 
         def report(number: int, values: list[float]) -> None:
             self.step = number
@@ -318,7 +373,7 @@ class _Run:
             self.progress(Progress(
                 step=number, total=self.total, level=li + 1, levels=len(self.levels),
                 losses=dict(self.last_losses), elapsed=time.perf_counter() - self.started,
-                eta=self._eta(li, iters - done, rate, side),
+                eta=self._eta(li, iters - done, rate, side), tile=tiles, tiles=tiles,
                 _render=lambda max_side: self.render(x.detach(), max_side),
             ))
 
@@ -476,6 +531,20 @@ def _cancel_check(cancel) -> Callable[[], bool]:
     return cancel
 
 
-def _oom_message(params: StyleParams, device: torch.device) -> str:
-    return (f"out of memory on {device} at size {params.size}: use a smaller size, "
-            f"precision bfloat16, or --device cpu")
+def resolve_size(params: StyleParams, content: Picture) -> StyleParams:
+    """`params` with size 0 (original) replaced by the content's longest side."""
+    if params.size:
+        return params
+    side = max(content.height, content.width)
+    if side > 16384:
+        raise ParamError("size", f"original: {content.source or 'the content'} is {content.width}×{content.height}, "
+                                 "longer than 16384 pixels; give a size")
+    return params.replace(size=max(16, side))
+
+
+def _oom_message(params: StyleParams, device: torch.device, run: "_Run | None" = None) -> str:
+    plan = run.plan if run is not None else None
+    where = f" ({plan.describe()})" if plan is not None else ""
+    budget = "" if params.max_memory is None else f" with --max-memory {params.max_memory:,} bytes"
+    return (f"out of memory on {device} at size {params.size}{where}{budget}: use a smaller size or "
+            f"max_memory (which tiles the level), tile PX, precision bfloat16, or --device cpu")

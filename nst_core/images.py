@@ -300,7 +300,9 @@ def _check_picture(picture: Picture) -> None:
 # ---- resizing -----------------------------------------------------------------------------------
 
 def fit(h: int, w: int, side: int) -> tuple[int, int]:
-    """(height, width) with the longest side `side`, keeping the aspect ratio."""
+    """(height, width) with the longest side `side`, keeping the aspect ratio; side 0 (size original): unchanged."""
+    if side == 0:
+        return h, w
     scale = side / max(h, w)
     return max(1, round(h * scale)), max(1, round(w * scale))
 

@@ -10,9 +10,9 @@ from .devices import exact_float32
 
 
 def gram(features: torch.Tensor) -> torch.Tensor:
-    """G_ij = Σ_k F_ik F_jk over the M = H·W positions (float32 whatever the features' dtype)."""
+    """G_ij = Σ_k F_ik F_jk over the M = H·W positions (float32 for any narrower dtype)."""
     n = features.shape[-3]
-    f = features.float()
+    f = wide(features)
     with exact_float32():
         return _gram(f, n)
 
@@ -46,7 +46,7 @@ class _Gram(torch.autograd.Function):
 
 def content_loss(features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """L_content = 1/2 Σ (F − P)²."""
-    return _ContentLoss.apply(_wide(features), _wide(target))
+    return _ContentLoss.apply(wide(features), wide(target))
 
 
 def style_layer_loss(features: torch.Tensor, target_gram_per_position: torch.Tensor) -> torch.Tensor:
@@ -67,7 +67,7 @@ def style_loss(features, targets, weights) -> torch.Tensor:
     forward pass. No tensor is made from host data, so a CUDA graph can capture it. Feature maps of
     any float dtype; the losses are float32.
     """
-    feats = [_wide(f) for f in features]
+    feats = [wide(f) for f in features]
     roots = tuple(math.sqrt(w / (4.0 * f.shape[-3] ** 2 * (f.shape[-1] * f.shape[-2]) ** 2))
                   for f, w in zip(feats, weights))
     return _StyleLoss.apply(roots, len(feats), *feats, *[t.to(feats[0].dtype) for t in targets])
@@ -80,7 +80,7 @@ def tv_loss(image: torch.Tensor) -> torch.Tensor:
     return dx.pow(2).sum() + dy.pow(2).sum()
 
 
-def _wide(t: torch.Tensor) -> torch.Tensor:
+def wide(t: torch.Tensor) -> torch.Tensor:
     """float32 for reduced-precision tensors (float64 stays, for gradient checks)."""
     return t if t.dtype == torch.float64 else t.float()
 

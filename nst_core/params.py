@@ -39,6 +39,7 @@ OPTIMIZERS = ("lbfgs", "adam")
 INITS = ("noise", "content", "style")  # or a path to an image file
 PRESERVE_COLORS = ("none", "luminance", "histogram")
 PRECISIONS = ("float32", "bfloat16", "float16")
+TILE_MODES = ("auto", "off")  # or an interior side in pixels
 DEVICE_NAMES = ("auto", "cuda", "mps", "cpu")  # also "cuda:N"
 WEIGHTS_NAMES = ("imagenet", "random")  # or a path to a state dict
 
@@ -55,7 +56,9 @@ FINEST_LEVEL_SHARE = 0.6  # measured: at 0.4 coarse-to-fine never reached the si
 class StyleParams:
     """Every knob of a stylisation, with the paper's values as defaults."""
 
-    size: int = field(default=512, metadata={"help": "longest side of the output in pixels"})
+    size: int = field(default=512, metadata={"help": "longest side of the output in pixels; original (or 0): the "
+                                                     "content's own size (full resolution, tiled where it must be)",
+                                             "words": {"original": 0}})
     iterations: int = field(default=500, metadata={"help": "optimiser steps in all (one loss evaluation each)"})
     content_weight: float = field(default=1.0, metadata={"help": "alpha, the weight of the content loss"})
     style_weight: float = field(default=1e3, metadata={"help": "beta, the weight of the style loss (alpha/beta = 1e-3)"})
@@ -94,6 +97,12 @@ class StyleParams:
     weights: str = field(default="imagenet", metadata={"help": "imagenet, random, or a path to a VGG-19 state dict"})
     device: str = field(default="auto", metadata={"help": "auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu"})
     precision: str = field(default="float32", metadata={"help": "network precision on CUDA: float32, bfloat16 or float16"})
+    max_memory: int | None = field(default=None, metadata={"help": (
+        "bytes a level may use, e.g. 150M or 2G (default: the device's free memory, or the RAM available on "
+        "the CPU); above it the level is tiled"), "bytes": True})
+    tile: str | int = field(default="auto", metadata={"help": (
+        "auto (tile only what does not fit), off, or PX: tiles with a PX-pixel interior (at least 16; margins "
+        "of real neighbouring pixels are added, so the result equals the untiled one)")})
 
     def __post_init__(self):
         # Normalise containers so that equal parameters compare and hash equal.
@@ -101,11 +110,15 @@ class StyleParams:
         object.__setattr__(self, "style_layers", _layer_map("style_layers", self.style_layers))
         if self.style_blend is not None:
             object.__setattr__(self, "style_blend", tuple(self.style_blend))
+        if isinstance(self.tile, str) and self.tile.strip().isdigit():
+            object.__setattr__(self, "tile", int(self.tile))
         self.validate()
 
     def validate(self) -> None:
         """Raise `ParamError` naming the first bad field."""
-        _check_int("size", self.size, 16, 16384)
+        _check_int("size", self.size, 0, 16384)
+        if 0 < self.size < 16:
+            raise ParamError("size", f"must be original (0) or between 16 and 16384, got {self.size}")
         _check_int("iterations", self.iterations, 0, 1_000_000)
         for name in ("content_weight", "style_weight", "tv_weight"):
             _check_float(name, getattr(self, name), 0.0)
@@ -136,6 +149,12 @@ class StyleParams:
         if self.device not in DEVICE_NAMES and not _is_cuda_index(self.device):
             raise ParamError("device", f"must be one of {', '.join(DEVICE_NAMES)} or cuda:N, got {self.device!r}")
         _check_choice("precision", self.precision, PRECISIONS)
+        if self.max_memory is not None:
+            _check_int("max_memory", self.max_memory, 1 << 20, 1 << 50)
+        if isinstance(self.tile, int) and not isinstance(self.tile, bool):
+            _check_int("tile", self.tile, 16, 65536)
+        elif self.tile not in TILE_MODES:
+            raise ParamError("tile", f"must be auto, off or a tile side of at least 16 pixels, got {self.tile!r}")
 
     # ---- derived values -------------------------------------------------------------------------
 
@@ -159,7 +178,8 @@ class StyleParams:
         return tuple(n for n in VGG19_LAYERS if n in wanted)
 
     def level_sizes(self) -> list[tuple[int, int]]:
-        """(longest side, iterations) per coarse-to-fine level, coarsest first; sums to `iterations`."""
+        """(longest side, iterations) per coarse-to-fine level, coarsest first; sums to `iterations`.
+        Size 0 (original) must be resolved against the content first (`engine.resolve_size`)."""
         n = self.levels or 1 + max(0, math.ceil(math.log2(max(self.size, 1) / COARSE_BASE_SIZE)))
         if n == 1:
             return [(self.size, self.iterations)]
@@ -287,6 +307,24 @@ def _layer_map(name: str, value: Any) -> _LayerMap:
 
 
 _HINTS = typing.get_type_hints(StyleParams)
+_METADATA = {f.name: f.metadata for f in fields(StyleParams)}
+_BYTE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_bytes(name: str, value: Any) -> int:
+    """A byte count from a whole number or a string such as 150M, 2G, 1.5GiB (powers of 1024)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        text = value.strip().lower().removesuffix("ib").removesuffix("b")
+        unit = text[-1:] if text[-1:] in _BYTE_UNITS else ""
+        try:
+            number = float(text[: len(text) - len(unit)])
+        except ValueError:
+            number = -1.0
+        if number > 0 and math.isfinite(number):
+            return int(number * _BYTE_UNITS[unit])
+    raise ParamError(name, f"must be a byte count such as 150M or 2G, got {value!r}")
 
 
 def value_type(name: str) -> Any:
@@ -317,6 +355,11 @@ def _coerce(name: str, value: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ParamError(name, f"must be a list of numbers, got {type(value).__name__}")
         return tuple(_coerce_float(name, v) for v in value)
+    meta = _METADATA[name]
+    if isinstance(value, str) and value.strip().lower() in meta.get("words", {}):
+        return meta["words"][value.strip().lower()]
+    if meta.get("bytes"):
+        return parse_bytes(name, value)
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():

@@ -15,7 +15,7 @@ from .params import VGG19_LAYERS, StyleParams
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-_CHANNELS = {1: 64, 2: 128, 3: 256, 4: 512, 5: 512}
+CHANNELS = {1: 64, 2: 128, 3: 256, 4: 512, 5: 512}
 
 
 def conv_names(last: str = "relu5_4") -> list[str]:
@@ -33,7 +33,7 @@ def state_dict_shapes() -> dict[str, tuple[int, ...]]:
     """The weight and bias shapes of all 16 convolutions, by state dict key."""
     shapes, cin = {}, 3
     for name in conv_names("relu5_4"):
-        cout = _CHANNELS[int(name[4])]
+        cout = CHANNELS[int(name[4])]
         shapes[f"{state_dict_key(name)}.weight"] = (cout, cin, 3, 3)
         shapes[f"{state_dict_key(name)}.bias"] = (cout,)
         cin = cout
@@ -53,7 +53,7 @@ class VGGFeatures(nn.Module):
         cin = 3
         for name in VGG19_LAYERS[: VGG19_LAYERS.index(last) + 1]:
             if name.startswith("conv"):
-                cout = _CHANNELS[int(name[4])]
+                cout = CHANNELS[int(name[4])]
                 layers.append(nn.Conv2d(cin, cout, 3, padding=1))
                 cin = cout
             elif name.startswith("relu"):

@@ -441,3 +441,22 @@ def test_importing_nst_core_changes_no_environment_and_the_entry_points_set_the_
         "import None", "nst PASSIVE", "nst-daemon PASSIVE"]
     kept = run(OMP_WAIT_POLICY="ACTIVE").stdout
     assert "import ACTIVE" in kept and "nst ACTIVE" in kept
+
+
+def test_size_original_tiled_json_events_carry_the_tiles(env, content, style, tmp_path):
+    src = tmp_path / "content.png"
+    with Image.open(content) as im:
+        im.convert("RGB").resize((72, 50)).save(src)
+    out = tmp_path / "full.png"
+    proc = nst(env, "stylize", src, style, "-o", out, "--size", "original", "--tile", "16", "--iterations", "2",
+               "--weights", "random", "--device", "cpu", "--content-layers", "relu2_1",
+               "--style-layers", "relu1_1,relu2_1", "--json")
+    assert proc.returncode == 0, proc.stderr
+    progress = [e for e in map(json.loads, proc.stdout.splitlines()) if e["event"] == "progress"]
+    tiles = progress[-1]["tiles"]
+    assert tiles == 5 * 4  # interiors of 16 px over 72×50: columns 16·4 + 8, rows 16·3 + 2
+    within = [(0, t) for t in range(1, tiles)]  # tiles done within the first step, then the step
+    assert [(e["step"], e["tile"]) for e in progress] == [*within, (1, tiles), *((1, t) for t in range(1, tiles)),
+                                                         (2, tiles)]
+    with Image.open(out) as im:
+        assert im.size == (72, 50)

@@ -247,7 +247,7 @@ def test_check_config_exit_codes_and_output(folder):
     path.write_text(GOOD.replace("size: 64", "size: 5"))
     bad = run_cli("--config", str(path), "--check-config")
     assert bad.returncode == 2 and bad.stdout == ""
-    assert bad.stderr.strip() == f"{path}:11:13: rules.one.params.size: must be between 16 and 16384, got 5"
+    assert bad.stderr.strip() == f"{path}:11:13: rules.one.params.size: must be original (0) or between 16 and 16384, got 5"
 
 
 def test_repo_config_yaml_is_valid_as_it_is():

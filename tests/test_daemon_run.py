@@ -522,3 +522,20 @@ def test_outputs_carry_the_common_metadata_and_never_replace_a_style_image(tmp_p
     assert "random" in text["nst:note"] and text["Software"].startswith("neural-style") and "nst-daemon" in text["Software"]
     assert (text["nst:rule"], text["nst:rule-version"], text["nst:source"]) == ("r", rule.version, "photo.png")
     assert not [k for k in text if k.startswith("nst-")]
+
+
+# ---- full resolution -----------------------------------------------------------------------------
+
+
+def test_a_rule_with_size_original_writes_the_input_at_its_own_size(tmp_path):
+    cfg = make_config(tmp_path, [{"rule": "full", "watch": "in", "output": "out",
+                                  "params": {"size": "original", "tile": 32}}], settings={"settle": 0.2})
+    with Daemon(cfg) as d:
+        d.start()
+        write_image(tmp_path / "in" / "big.png", 7, (90, 61))
+        wait_until(lambda: files(tmp_path / "out"), 120, "the output")
+        assert d.stop() == 0
+    (out,) = files(tmp_path / "out")
+    with Image.open(out) as im:
+        assert im.size == (90, 61)  # the default size (32 in these tests) would give 32×22
+        assert json.loads(im.text["nst:params"])["size"] == 90  # the size it ran at

@@ -332,7 +332,7 @@ def test_progress_events(content, style):
         assert all(isinstance(v, float) and math.isfinite(v) for v in e.losses.values())
         assert isinstance(e.elapsed, float) and e.elapsed >= 0
         assert isinstance(e.eta, float) and e.eta >= 0
-        assert set(e.to_mapping()) == {"step", "total", "level", "levels", "losses", "elapsed", "eta"}
+        assert set(e.to_mapping()) == {"step", "total", "level", "levels", "tile", "tiles", "losses", "elapsed", "eta"}
     assert [e.elapsed for e in events] == sorted(e.elapsed for e in events)
     assert events[-1].eta == 0
     for full, preview in images.values():

@@ -341,6 +341,8 @@ def test_full_resolution_stylises_the_layer_at_its_own_size(workdir, profile, se
         assert r["status"] == "success" and r["size"] == [180, 120], r["message"]
         results[step] = np.array(r["pixels"], dtype=np.uint8).reshape(120, 180, 3)
     assert own.result_image().shape == (120, 180, 3)  # made at full size by the service …
+    # … with the level and tile fields that the plug-in's status line reads (one tile at this size)
+    assert own.progress and all((p["tile"], p["tiles"]) == (1, 1) for p in own.progress)
     assert np.array_equal(results["own-size"], own.result_image())  # … and put on the layer as it came
     assert small.result_image().shape[:2] == (30, 45)
     assert detail(results["own-size"]) > 2 * detail(results["working-size"])

@@ -57,8 +57,30 @@ NON_DEFAULT = StyleParams(
     content_layers={"conv1_2": 0.25, "relu4_2": 0.75}, style_layers={"relu1_1": 0.5, "relu2_1": 0.5},
     style_blend=(0.3, 0.7), style_scale=0.5, pooling="max", normalize_network=False, optimizer="adam",
     learning_rate=0.05, init="content", seed=12345, preserve_color="histogram", levels=2,
-    weights="random", device="cpu", precision="bfloat16",
+    weights="random", device="cpu", precision="bfloat16", max_memory=3 << 30, tile=256,
 )
+
+
+@pytest.mark.parametrize("given, field, value", [
+    ({"size": "original"}, "size", 0), ({"size": "Original"}, "size", 0), ({"size": 0}, "size", 0),
+    ({"max_memory": "150M"}, "max_memory", 150 << 20), ({"max_memory": "2G"}, "max_memory", 2 << 30),
+    ({"max_memory": "1.5GiB"}, "max_memory", 3 << 29), ({"max_memory": 5_000_000}, "max_memory", 5_000_000),
+    ({"tile": "auto"}, "tile", "auto"), ({"tile": "off"}, "tile", "off"), ({"tile": "64"}, "tile", 64),
+    ({"tile": 16}, "tile", 16),
+])
+def test_full_resolution_fields(given, field, value):
+    assert getattr(StyleParams.from_mapping(given), field) == value
+
+
+@pytest.mark.parametrize("given, words", [
+    ({"size": "huge"}, "whole number"), ({"size": 8}, "original (0) or between 16 and 16384"),
+    ({"max_memory": "lots"}, "byte count such as 150M"), ({"max_memory": "-2G"}, "byte count"),
+    ({"max_memory": 1000}, "between"), ({"tile": 15}, "between 16"), ({"tile": "big"}, "auto, off or a tile side"),
+])
+def test_full_resolution_fields_refuse_bad_values(given, words):
+    with pytest.raises(ParamError) as e:
+        StyleParams.from_mapping(given)
+    assert e.value.field == next(iter(given)) and words in str(e.value)
 
 
 @pytest.mark.parametrize("params", [StyleParams(), NON_DEFAULT], ids=["defaults", "every-field-changed"])

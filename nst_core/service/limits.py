@@ -16,10 +16,8 @@ REQUEST_TIMEOUT = 30.0  # s for a new connection's hello, and for any frame once
 PAYLOAD_RATE = 16 << 20  # bytes/s: a frame's deadline grows by a second for each this many payload bytes
 MAX_CONNECTIONS = 128  # at once; more are answered "busy"
 HEADER_BUDGET = 32 << 20  # bytes of frame headers all connections together may be sending at once
-# Memory one pixel of a job's working image costs: measured about 1.1-1.5 KiB per output pixel for
-# an untiled VGG-19 run on the CPU (peak RSS at 256 and 512 px). A rough bound for refusing work no
-# device here can hold; the engine's own memory estimate may refine it.
-BYTES_PER_WORK_PIXEL = 1536
+# Memory one pixel of a job's working image costs at least: a level that does not fit whole is
+# tiled, so what grows with the image is only its image-sized state (nst_core.tiling).
 
 
 def max_pixels() -> int:
@@ -75,9 +73,11 @@ def device_memory(device: str) -> int:
 
 def max_work_pixels(device: str) -> int:
     """The most pixels a job may work at on `device` (its output, and each style at its working
-    scale): the device's memory at BYTES_PER_WORK_PIXEL each, and never more than the engine's
-    images.MAX_PIXELS."""
-    return min(max_pixels(), device_memory(device) // BYTES_PER_WORK_PIXEL)
+    scale): the device's memory at tiling.TILED_BYTES_PER_PIXEL each, and never more than the
+    engine's images.MAX_PIXELS."""
+    from ..tiling import TILED_BYTES_PER_PIXEL
+
+    return min(max_pixels(), device_memory(device) // TILED_BYTES_PER_PIXEL)
 
 
 def check_work(content_hw: tuple[int, int], style_hws: list[tuple[int, int]], params, limit: int,
