@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -67,9 +68,6 @@ def check_resource(name: str) -> str | None:
 
 def connect(address: str) -> None:
     """Join the Ray cluster at `address` as a driver; ClusterError naming it when that fails."""
-    ray = _import_ray()
-    if ray.is_initialized():
-        return
     if address != "auto":
         host, _, port = address.rpartition(":")
         try:  # fail in seconds with a plain reason, before Ray's own retries
@@ -77,13 +75,21 @@ def connect(address: str) -> None:
         except OSError as e:
             raise ClusterError(f"cluster {address}: cannot reach the Ray head there ({e.strerror or e}); start it "
                                f"with `ray start --head --port={port}` or fix settings.cluster") from None
+    ray = _import_ray()
+    if ray.is_initialized():
+        return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    main = threading.current_thread() is threading.main_thread()
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)} if main else {}
     try:
         ray.init(address=address, namespace="nst", log_to_driver=False, logging_level=logging.WARNING,
                  configure_logging=False)
     except Exception as e:  # ConnectionError, or Ray's own for a head that does not answer as one
         raise ClusterError(f"cluster {address}: cannot join the Ray cluster ({type(e).__name__}: "
                            f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no reason given'})") from None
+    finally:
+        for sig, handler in handlers.items():  # ray.init sets its own, which exit at once
+            signal.signal(sig, handler)
 
 
 class StyleWorker:
