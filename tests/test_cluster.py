@@ -58,6 +58,11 @@ def kill_node(c, node, actor_pids) -> None:
     c.workers.remove(node)
 
 
+def after(d, line: str) -> int:
+    """The index of the log line after `line` (where the next wait starts)."""
+    return d.lines.index(line) + 1
+
+
 def cluster_config(tmp_path, c, iterations=10, **settings):
     return make_config(tmp_path, [{"rule": "r", "watch": "in", "output": "out"}],
                        settings={"cluster": c.address, "cluster_resource": "nst_gpu", "settle": 0.2,
@@ -126,15 +131,15 @@ def test_killing_worker_nodes_mid_job_loses_nothing_and_duplicates_nothing(tmp_p
         wait_until(lambda: len(re.findall(r"cluster worker \S+ joined", d.text)) == 2, 90, "two workers")
         for i in range(n):
             write_image(tmp_path / "in" / f"k{i}.png", 200 + i, (64, 48))
+        mark = len(d.lines)
         for k in range(kills):
-            mark = len(d.lines)
             line = d.wait_log(": started on ", 120, start=mark)
             name = line.rsplit(" ", 1)[1]
             pids = [int(p) for w, p in re.findall(r"cluster worker (\S+) joined \(pid (\d+)\)", d.text) if w == name]
             node = next(w for w in ray_cluster.workers if f"[{w.node_id[:6]}]" in name)
             time.sleep(0.3)
             kill_node(ray_cluster, node, pids)
-            d.wait_log("was lost while running the job", 60, start=mark)
+            mark = after(d, d.wait_log("was lost while running the job", 60, start=mark))
             ray_cluster.workers.append(ray_cluster.add_node(**NODE))  # a machine comes back
         wait_until(lambda: len(files(tmp_path / "in" / "processed")) == n, 300, "every input processed")
         assert d.stop() == 0
@@ -147,3 +152,70 @@ def test_killing_worker_nodes_mid_job_loses_nothing_and_duplicates_nothing(tmp_p
     assert lost >= kills
     assert sum(r["attempts"] - 1 for r in rows) == lost, "each loss cost its job one attempt"
     assert not list((tmp_path / "out").glob(".*")), "no temporary file left"
+
+
+def test_a_job_lost_on_every_attempt_fails_into_failed_with_why(tmp_path, ray_cluster):
+    set_workers(ray_cluster, 2)
+    cfg = cluster_config(tmp_path, ray_cluster, iterations=100000, max_attempts=2)  # never ends by itself
+    with Daemon(cfg) as d:
+        d.start()
+        wait_until(lambda: len(re.findall(r"cluster worker \S+ joined", d.text)) == 2, 90, "two workers")
+        write_image(tmp_path / "in" / "x.png", 300)
+        mark = len(d.lines)
+        for _ in range(2):
+            name = d.wait_log("x.png: started on ", 120, start=mark).rsplit(" ", 1)[1]
+            pids = [int(p) for w, p in re.findall(r"cluster worker (\S+) joined \(pid (\d+)\)", d.text) if w == name]
+            kill_node(ray_cluster, next(w for w in ray_cluster.workers if f"[{w.node_id[:6]}]" in name), pids)
+            mark = after(d, d.wait_log("was lost while running the job", 60, start=mark))
+            ray_cluster.workers.append(ray_cluster.add_node(**NODE))
+        wait_until(lambda: files(tmp_path / "in" / "failed", "x.png"), 60, "x.png in failed/")
+        assert d.stop() == 0
+    assert files(tmp_path / "out") == []
+    err = (tmp_path / "in" / "failed" / "x.png.error.json").read_text()
+    assert "gave up after 2 attempts" in err and "lost node" in err
+    [row] = journal_rows(tmp_path / "state" / "journal.sqlite")
+    assert (row["state"], row["attempts"]) == ("failed", 2)
+
+
+def test_scheduler_on_the_cluster_progress_cancel_and_interactive_first(ray_cluster):
+    """The scheduler alone (this process the driver): progress numbers arrive, a cancel reaches the
+    running actor, and an interactive job overtakes queued batch jobs, as on local workers."""
+    import torch
+
+    from nst_core import StyleParams
+    from nst_core.errors import Cancelled
+    from nst_core.images import Picture
+    from nst_core.service import cluster
+
+    set_workers(ray_cluster, 1)
+    cluster.POLL = 0.5
+    from nst_core.service.scheduler import Scheduler
+
+    s = Scheduler(cluster=ray_cluster.address, cluster_resource="nst_gpu")
+    s.start()
+    try:
+        wait_until(lambda: s.devices, 90, "a worker")
+        pic = lambda seed: Picture(torch.rand(3, 40, 30, generator=torch.Generator().manual_seed(seed)))  # noqa: E731
+        params = StyleParams(size=32, iterations=100000, weights="random", content_layers=("relu2_1",),
+                             style_layers=("relu1_1", "relu2_1"))
+        steps = []
+        long = s.submit(pic(1), [pic(2)], params, progress=lambda p: steps.append(p.step))
+        wait_until(lambda: len(steps) >= 3, 60, "progress from the actor")
+        assert steps == sorted(steps) and steps[0] >= 1
+        order = []
+        batch = s.submit(pic(3), [pic(2)], params.replace(iterations=5), priority="batch")
+        inter = s.submit(pic(4), [pic(2)], params.replace(iterations=5), priority="interactive")
+        for j in (batch, inter):
+            j.add_done_callback(lambda job: order.append(job.priority))
+        t = time.monotonic()
+        long.cancel()
+        with pytest.raises(Cancelled):
+            long.result(timeout=30)
+        assert time.monotonic() - t < 10
+        assert inter.result(timeout=60).picture.rgb.shape == (3, 32, 24)
+        batch.result(timeout=60)
+        assert order == ["interactive", "batch"]
+        st = s.status()
+        assert st["cluster"]["workers"] == 1 and st["jobs"] == {"done": 2, "failed": 0, "cancelled": 1}
+    finally:
+        s.stop(cancel_running=True)

@@ -225,7 +225,8 @@ def run_remote(scheduler, worker, job):
                 status, value = ray.get(ref)
                 break
             if worker.gone:
-                raise WorkerLost(f"cluster worker {worker.device} left the cluster while running the job")
+                raise WorkerLost(f"cluster worker {worker.device} was lost while running the job (its node left "
+                                 "the cluster)")
             if job._cancel.is_set() and not cancel_sent:
                 actor.cancel.remote(token)
                 cancel_sent = True
