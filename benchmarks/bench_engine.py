@@ -75,7 +75,7 @@ CUDA_512_TARGET_S = 3.0
 CUDA_MEMORY_BUDGET = 24 * 2**30
 TARGET_SIZE, TARGET_ITERATIONS = 512, 500  # the CUDA speed target: 512x512, 500 L-BFGS iterations
 BIG_SIZE = 2048  # the CUDA memory target: 2048x2048 within 24 GB
-LBFGS_HISTORY = 100  # the engine's torch.optim.LBFGS(history_size=100)
+LBFGS_HISTORY = 100  # the engine's L-BFGS history (nst_core.lbfgs.DEFAULT_HISTORY)
 
 
 # ---- machine and memory ---------------------------------------------------------------------------
@@ -209,13 +209,14 @@ def _warm_session(params: StyleParams, device: torch.device) -> Session:
 
 
 def _loss_head(feats: dict, params: StyleParams, targets: dict) -> torch.Tensor:
-    """The loop's loss terms on given feature maps (as in engine._Run._level's closure)."""
-    zero = next(iter(feats.values())).new_zeros(())
-    c = sum((w * losses.content_loss(feats[n], targets[n]) for n, w in params.content_layers.items() if w > 0),
-            zero)
-    s = sum((w * losses.style_layer_loss(feats[n], targets["gram:" + n])
-             for n, w in params.style_layers.items() if w > 0), zero)
-    return params.content_weight * c + params.style_weight * s
+    """The loop's total loss on given feature maps (the engine's Objective, fed these maps)."""
+    from nst_core.objective import Objective
+
+    content = {n: w for n, w in params.content_layers.items() if w > 0}
+    style = {n: w for n, w in params.style_layers.items() if w > 0}
+    objective = Objective(lambda _x: feats, {n: targets[n] for n in content}, content,
+                          {n: targets["gram:" + n] for n in style}, style, params.content_weight, params.style_weight)
+    return objective.terms(next(iter(feats.values())))[0]
 
 
 # ---- 1 + 2: the loop beside a bare forward+backward ----------------------------------------------
@@ -293,8 +294,14 @@ def measure_size(content: Picture, style: Picture, size: int, args, device: torc
     stylize(content, [style], params, progress=on_progress, session=session)
     wall = time.perf_counter() - t0
 
-    lbfgs = lbfgs_bookkeeping(3 * h * w, device, window=(warmup + 1, warmup + steps))
-    ours = lbfgs_bookkeeping(3 * h * w, device, window=(warmup + 1, warmup + steps), kind="device")
+    from nst_core.lbfgs import implementation
+
+    used = implementation()  # the loop's L-BFGS ($NST_LBFGS), with the loop's history; both at full history
+    window = (warmup + 1, warmup + steps)
+    lbfgs = lbfgs_bookkeeping(3 * h * w, device, window, kind=used, full_steps=0,
+                              history=min(LBFGS_HISTORY, warmup + steps))
+    by_kind = {k: lbfgs_bookkeeping(3 * h * w, device, window, kind=k) for k in ("device", "torch")}
+    lbfgs["full"] = by_kind[used]["full"]
     loop_s, bare_s, head_s = _median(rec["loop"]), _median(rec["bare"]), _median(rec["head"])
     rest = loop_s - bare_s - head_s - lbfgs["at_window"]
     ratio = _median(rec["ratio"])
@@ -311,7 +318,8 @@ def measure_size(content: Picture, style: Picture, size: int, args, device: torc
         "loss_terms_by_style_layer_s": {n: _median(v) for n, v in rec["layer"].items()},
         "lbfgs_s_at_measured_history": lbfgs["at_window"], "lbfgs_s_at_full_history": lbfgs["full"],
         "lbfgs_history_len_measured": lbfgs["history_at_window"],
-        "lbfgs_device_s_at_full_history": ours["full"],
+        "lbfgs_implementation": used, "lbfgs_device_s_at_full_history": by_kind["device"]["full"],
+        "lbfgs_torch_s_at_full_history": by_kind["torch"]["full"],
         "rest_s_per_it": rest, "projected_ratio_full_history": projected,
         "memory_before_bytes": base, "loop_peak_bytes": peak, "loop_peak_delta_bytes": peak - base,
         "loop_peak_reserved_bytes": reserved, "bare_peak_delta_bytes": max(rec["bare_delta"]),
@@ -320,19 +328,20 @@ def measure_size(content: Picture, style: Picture, size: int, args, device: torc
 
 
 def lbfgs_bookkeeping(numel: int, device: torch.device, window: tuple[int, int],
-                      full_steps: int = 12, kind: str = "torch") -> dict:
-    """Seconds per torch.optim.LBFGS step (max_iter=1, history 100, as the engine) minus its closure.
+                      full_steps: int = 12, kind: str = "torch", history: int = LBFGS_HISTORY) -> dict:
+    """Seconds per L-BFGS step (`kind`: nst_core.lbfgs's device one or torch.optim.LBFGS with
+    max_iter=1; `history` pairs: the engine takes min(100, the level's steps)) minus its closure.
 
     The closure is the gradient of a badly conditioned quadratic, so the curvature condition holds
     and the history fills up; the median is taken over the steps of `window` (the loop's measured
-    steps) and over `full_steps` steps once the history is full.
+    steps) and, unless `full_steps` is 0, over `full_steps` steps once the history is full.
     """
     gen = torch.Generator().manual_seed(2)
     d = (10 ** (-4 * torch.rand(numel, generator=gen))).to(device)
     x = torch.rand(numel, generator=gen).to(device).requires_grad_(True)
     from nst_core import lbfgs
 
-    opt = lbfgs.make(x, lr=0.05, history_size=LBFGS_HISTORY, kind=kind)
+    opt = lbfgs.make(x, lr=0.05, history_size=history, kind=kind)
     inside = [0.0]
 
     def closure():
@@ -345,14 +354,14 @@ def lbfgs_bookkeeping(numel: int, device: torch.device, window: tuple[int, int],
         return loss
 
     times, hist = [], []
-    for _ in range(LBFGS_HISTORY + 1 + full_steps):
+    for _ in range(history + 1 + full_steps if full_steps else window[1]):
         t0 = _now(device)
         opt.step(closure)
         times.append(_now(device) - t0 - inside[0])
         hist.append(len(opt.state[x].get("old_dirs", [])) if kind == "torch" else opt.history_len())
     lo, hi = window
     return {"at_window": _median(times[lo - 1:hi]), "history_at_window": hist[hi - 1],
-            "full": _median(times[LBFGS_HISTORY + 1:]), "history_full": hist[-1]}
+            "full": _median(times[history + 1:]) if full_steps else None, "history_full": hist[-1]}
 
 
 # ---- 3: the CUDA targets ----------------------------------------------------------------------
@@ -401,53 +410,36 @@ def cuda_targets(content: Picture, style: Picture, args, device: torch.device) -
     return out
 
 
-# ---- 5: the GPU inner loop (issue 11), driven directly -------------------------------------------
+# ---- 5: the GPU inner loop (issue 11), through the engine -------------------------------------------
 #
-# The engine does not call the new pieces yet, so these figures drive them directly on the paper's
-# objective (relu4_2 content, relu1_1 ... relu5_1 style, average pooling, the chosen weights, the
-# centre square of the content and the style at the same size): nst_core.objective.Objective +
-# nst_core.lbfgs.LBFGS (history 100 on the device) + nst_core.capture.CapturedStep +
-# nst_core.readback.Readback ("new"), against torch.optim.LBFGS called eagerly per step as the
-# engine does today ("torch"). The engine's own stylize() figures are in section 3 ("targets").
+# nst_core.stylize end to end on the centre square of the content (the paper's layers, average
+# pooling, the chosen weights, single scale, a warm network): the engine's loop as it is now
+# (nst_core.lbfgs.LBFGS on the device, the step captured by nst_core.capture.CapturedStep on CUDA,
+# losses through nst_core.readback), "new", against the same engine with $NST_LBFGS=torch
+# (torch.optim.LBFGS, whose step reads values back and is therefore never captured), "torch".
+# fp32 is $NST_TF32=0; tf32 the default; bf16 the precision parameter (network in bfloat16).
 
 LOOP_TARGET_S = 1.0  # issue 11: 512x512, 500 L-BFGS steps in about a second on an H100/H200
 PRECISIONS = {"fp32": (False, "float32"), "tf32": (True, "float32"), "bf16": (True, "bfloat16")}
+IMPLEMENTATIONS = {"device": "new (device L-BFGS, captured)", "torch": "torch.optim.LBFGS, eager"}
 
 
-class _Paper:
-    """The paper's objective at side x side on a warm network, as the engine would build it."""
+class _Env:
+    """Environment variables set for a block, then put back."""
 
-    def __init__(self, net, content: Picture, style: Picture, side: int, device: torch.device, precision: str):
-        from nst_core.engine import resize
-        from nst_core.objective import Objective
+    def __init__(self, **values):
+        self.values = values
 
-        p = StyleParams()
-        self.device, self.precision, self.net = device, precision, net
-        self.fmt = devices.memory_format(device)
-        self.layers = p.used_layers
-        c = resize(_square(content).rgb, side, side).to(device)
-        sh, sw = fit(style.height, style.width, side)
-        s = resize(style.rgb, sh, sw).to(device)
-        with torch.no_grad():
-            ct = {n: f.float() for n, f in self.features(c, p.content_layers).items()}
-            st = {n: losses.gram(f) / (f.shape[-1] * f.shape[-2]) for n, f in self.features(s, p.style_layers).items()}
-        gen = torch.Generator().manual_seed(0)
-        self.x = torch.rand(3, side, side, generator=gen).to(device).requires_grad_(True)
-        self.objective = Objective(self.features, ct, p.content_layers, st, p.style_layers,
-                                   p.content_weight, p.style_weight)
-        self.lr = p.step_size
+    def __enter__(self):
+        self.old = {k: os.environ.get(k) for k in self.values}
+        os.environ.update(self.values)
 
-    def features(self, image, layers=None):
-        with devices.autocast(self.device, self.precision, cache_enabled=False):
-            return self.net(image.unsqueeze(0).contiguous(memory_format=self.fmt), layers or self.layers)
-
-    def stepper(self, kind: str, graphs: bool = True, history: int = LBFGS_HISTORY, history_device=None):
-        from nst_core import lbfgs
-        from nst_core.capture import CapturedStep
-        from nst_core.objective import make_step
-
-        opt = lbfgs.make(self.x, lr=self.lr, history_size=history, kind=kind, history_device=history_device)
-        return CapturedStep(make_step(self.objective, self.x, opt), self.device, enabled=graphs)
+    def __exit__(self, *exc):
+        for k, v in self.old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _set_precision(device: torch.device, name: str) -> str:
@@ -456,27 +448,68 @@ def _set_precision(device: torch.device, name: str) -> str:
     return precision
 
 
-def run_paper_loop(net, content, style, side, steps, device, precision, kind="device", graphs=True,
-                   history=LBFGS_HISTORY, steady_from=None, history_device=None) -> dict:
-    """From the pixels to the result on the host: targets, steps (losses read back as they come)."""
-    from nst_core.readback import Readback
+def _loop_session(args, device: torch.device) -> Session:
+    """A session with the network loaded that keeps no style targets (each run computes its own)."""
+    session = Session(max_targets=0)
+    session.network(_params(TARGET_SIZE, 1, args), device)
+    return session
 
-    t0 = _now(device)
-    paper = _Paper(net, content, style, side, device, precision)
-    step = paper.stepper(kind, graphs, history, history_device)
-    feed = Readback(4, device)
-    steady_from = steady_from or min(steps, max(2, steps // 5))
-    arrived, t_steady = [], None
-    for i in range(steps):
-        arrived += feed.push(i + 1, step())
-        if i + 1 == steady_from:
-            t_steady = _now(device)
-    arrived += feed.drain()
-    result = paper.x.detach().clamp(0, 1).cpu()
-    t1 = time.perf_counter()
-    return {"total_s": t1 - t0, "steady_ms_per_step": (t1 - t_steady) / max(1, steps - steady_from) * 1e3,
-            "steps": steps, "first_loss": arrived[0][1][0], "final_loss": arrived[-1][1][0],
-            "reports": len(arrived), "mode": step.mode, "why_eager": step.reason, "result_shape": list(result.shape)}
+
+def engine_run(session: Session, content: Picture, style: Picture, side: int, steps: int, args,
+               device: torch.device, name: str, kind: str, sync_window: tuple[int, int] | None = None,
+               stop_after: int | None = None) -> dict:
+    """stylize() of the centre square at side x side, `steps` steps, in `session` (network loaded,
+    style targets computed inside the timed call: see _loop_session); steady ms per step between progress
+    reports (they arrive as the device finishes the steps); host synchronisations per step counted
+    with torch.cuda's sync debug mode ("warn") between the reports of the steps in `sync_window`.
+    `stop_after`: cancel once that step is reported (a long run's memory, a few steps' time)."""
+    import warnings
+
+    from nst_core import Cancelled
+
+    tf32, precision = PRECISIONS[name]
+    params = StyleParams(size=side, iterations=steps, levels=1, weights=args.weights, device=args.device_name,
+                         seed=0, precision=precision)
+    cuda = device.type == "cuda"
+    stamps, totals = [], []
+    stop = threading.Event()
+
+    def on_progress(pr):
+        stamps.append(time.perf_counter())
+        totals.append(pr.losses["total"])
+        if stop_after is not None and pr.step >= stop_after:
+            stop.set()
+        if cuda and sync_window:
+            if pr.step == sync_window[0]:
+                torch.cuda.set_sync_debug_mode("warn")
+            elif pr.step == sync_window[1]:
+                torch.cuda.set_sync_debug_mode("default")
+
+    with _Env(NST_LBFGS=kind, NST_TF32="1" if tf32 else "0"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _sync(device)
+        t0 = time.perf_counter()
+        try:
+            res = stylize(_square(content), [style], params, progress=on_progress, session=session, cancel=stop)
+        except Cancelled:
+            if stop_after is None:
+                raise
+            return {"steps": len(totals), "stopped_after": stop_after, "total_s": time.perf_counter() - t0,
+                    "first_loss": totals[0], "final_loss": totals[-1], "mode": "stopped"}
+        finally:
+            if cuda:
+                torch.cuda.set_sync_debug_mode("default")
+        t1 = time.perf_counter()  # the result is on the host: nothing left on the device
+    steady_from = min(steps, max(2, steps // 5))
+    out = {"total_s": t1 - t0, "steps": steps, "first_loss": totals[0], "final_loss": totals[-1],
+           "reports": len(totals), "mode": res.loop, "result_shape": [res.picture.height, res.picture.width],
+           "steady_ms_per_step": ((stamps[-1] - stamps[steady_from - 1]) / (steps - steady_from) * 1e3
+                                  if steps > steady_from else None)}
+    if cuda and sync_window:
+        syncs = sum("synchroniz" in str(w.message).lower() for w in caught)
+        out["syncs_per_step"] = syncs / (sync_window[1] - sync_window[0])
+        out["sync_window"] = list(sync_window)
+    return out
 
 
 def bare_step_ms(net, side, device, precision, graphs: bool, steps: int) -> float:
@@ -502,23 +535,6 @@ def bare_step_ms(net, side, device, precision, graphs: bool, steps: int) -> floa
     return (_now(device) - t0) / steps * 1e3
 
 
-def syncs_per_step(fn, steps: int) -> float | None:
-    """Host synchronisations per call of fn, counted by torch.cuda's sync debug mode ("warn")."""
-    import warnings
-
-    if not torch.cuda.is_available():
-        return None
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            for _ in range(steps):
-                fn()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message).lower() for w in caught) / steps
-
-
 def _free(device):
     import gc
 
@@ -529,16 +545,17 @@ def _free(device):
 
 def gpu_loop(content: Picture, style: Picture, args, device: torch.device) -> dict:
     side, steps = args.loop_size, args.loop_steps
-    p = _params(side, steps, args)
-    net = _warm_session(p, device).network(p, device)
-    out = {"size": side, "steps": steps, "runs": [], "ratio": [], "syncs": {}}
+    session = _loop_session(args, device)
+    net = session.network(_params(side, steps, args), device)
+    # host syncs counted over 20 steps with a full L-BFGS history where the run is long enough
+    start = max(2, min(LBFGS_HISTORY + 5, steps - 25))
+    window = (start, start + 20) if steps >= start + 24 else None
+    out = {"size": side, "steps": steps, "runs": [], "ratio": []}
     for name in args.loop_precisions:
-        precision = _set_precision(device, name)
-        for kind, graphs in (("device", True), ("torch", False)):
-            label = "new (device L-BFGS, captured)" if kind == "device" else "torch.optim.LBFGS, eager"
+        for kind, label in IMPLEMENTATIONS.items():
             try:
-                run_paper_loop(net, content, style, side, min(steps, 6), device, precision, kind, graphs)  # autotune
-                r = run_paper_loop(net, content, style, side, steps, device, precision, kind, graphs)
+                engine_run(session, content, style, side, min(steps, 6), args, device, name, kind)  # autotuning
+                r = engine_run(session, content, style, side, steps, args, device, name, kind, window)
             except Exception as e:  # one failing configuration must not hide the others
                 r = {"error": f"{type(e).__name__}: {e}"}
             r.update(precision=name, implementation=label)
@@ -546,6 +563,7 @@ def gpu_loop(content: Picture, style: Picture, args, device: torch.device) -> di
             _log(args, f"loop {name} {label}: {r.get('total_s', float('nan')):.3f} s")
             _free(device)
         # per step against a bare forward+backward, both captured (and both eager)
+        precision = _set_precision(device, name)
         bare_n = max(5, min(50, steps // 10))
         row = {"precision": name}
         for graphs in (True, False):
@@ -564,72 +582,53 @@ def gpu_loop(content: Picture, style: Picture, args, device: torch.device) -> di
             row["torch_over_bare_eager"] = row["torch_ms"] / row["bare_eager_ms"]
         out["ratio"].append(row)
         _free(device)
-    # host synchronisations per steady step (the first precision), with the readback as the engine would
-    if device.type == "cuda":
-        from nst_core.readback import Readback
-
-        precision = _set_precision(device, args.loop_precisions[0])
-        for kind, graphs, label in (("device", True, "new, captured"), ("device", False, "new, eager"),
-                                    ("torch", False, "torch.optim.LBFGS, eager")):
-            paper = _Paper(net, content, style, min(side, 256), device, precision)
-            step = paper.stepper(kind, graphs)
-            feed = Readback(4, device)
-            for i in range(LBFGS_HISTORY + 5):  # a full history: torch's per-step reads grow with it
-                feed.push(i, step())
-            torch.cuda.synchronize()
-            out["syncs"][label] = syncs_per_step(lambda: feed.push(0, step()), 20)
-            feed.drain()
-            del paper, step
-            _free(device)
+    devices.configure(device)
     return out
 
 
 def gpu_memory(content: Picture, style: Picture, args, device: torch.device) -> dict:
-    """Peak memory of the new loop at --loop-big (history preallocated: a few steps reach the peak),
-    and the largest square one step of it fits untiled (bounded binary search)."""
+    """Peak memory of stylize() at --loop-big for a 500-step run (the L-BFGS history of 100 pairs is
+    preallocated: stopped after 5 steps, it has reached the peak), and the largest square it runs
+    untiled (bounded binary search)."""
     side = args.loop_big
-    p = _params(side, 5, args)
-    net = _warm_session(p, device).network(p, device)
     out = {"big": side, "peak": [], "largest": []}
+    session = _loop_session(args, device)
     mem = PeakMemory(device)
     for name in args.loop_precisions[1:] or args.loop_precisions:
-        precision = _set_precision(device, name)
         _free(device)
         base = mem.reset()
         try:
-            r = run_paper_loop(net, content, style, side, 5, device, precision, "device", True)
+            r = engine_run(session, content, style, side, TARGET_ITERATIONS, args, device, name, "device",
+                           stop_after=5)
             peak, reserved = mem.peak()
             out["peak"].append({"precision": name, "history": LBFGS_HISTORY, "peak_allocated_bytes": peak - base,
-                                "peak_reserved_bytes": reserved, "mode": r["mode"]})
+                                "peak_reserved_bytes": reserved, "steps": r["steps"], "wall_s": r["total_s"]})
         except Exception as e:
             out["peak"].append({"precision": name, "error": f"{type(e).__name__}: {e}"})
         _free(device)
     if device.type != "cuda" or args.fit_seconds <= 0:
         return out
-    torch.backends.cudnn.benchmark = False  # autotuning every probed shape would eat the time box
-    try:
-        default = "tf32" if "tf32" in args.loop_precisions else args.loop_precisions[0]
-        for name, history in ((default, LBFGS_HISTORY), (args.loop_precisions[-1], 10)):
-            precision = _set_precision(device, name)
-            torch.backends.cudnn.benchmark = False
-            out["largest"].append(dict(precision=name, history=history,
-                                       **largest_square(net, content, style, device, precision, history, args)))
-            _log(args, f"largest square {name} history {history}: {out['largest'][-1]}")
-    finally:
-        torch.backends.cudnn.benchmark = True
+    names = ["tf32" if "tf32" in args.loop_precisions else args.loop_precisions[0]]
+    if args.loop_precisions[-1] != names[0]:
+        names.append(args.loop_precisions[-1])
+    for name in names:
+        out["largest"].append(dict(precision=name, history=LBFGS_HISTORY,
+                                   **largest_square(session, content, style, device, name, args, len(names))))
+        _log(args, f"largest square {name}: {out['largest'][-1]}")
     return out
 
 
-def largest_square(net, content, style, device, precision, history, args) -> dict:
-    """Binary search (to 128 px) for the largest side whose step (eager) runs without running out
-    of memory, within --fit-seconds; the bracket found so far if time runs out."""
-    deadline = time.perf_counter() + args.fit_seconds / 2
+def largest_square(session, content, style, device, name, args, searches: int) -> dict:
+    """Binary search (to 128 px) for the largest side at which a 500-step stylize() (history 100)
+    runs its first 4 steps (the third captured) without running out of memory, within its share of
+    --fit-seconds; the bracket found so far if time runs out."""
+    deadline = time.perf_counter() + args.fit_seconds / searches
     tried = {}
 
     def fits(side):
         _free(device)
         try:
-            run_paper_loop(net, content, style, side, 2, device, precision, "device", False, history)
+            engine_run(session, content, style, side, TARGET_ITERATIONS, args, device, name, "device", stop_after=4)
             tried[side] = "ok"
             return True
         except Exception as e:  # OOM, or a kernel that cannot take that many elements
@@ -661,23 +660,30 @@ def print_gpu_loop(dev: dict) -> None:
     g = dev.get("gpu_loop")
     if g:
         print()
-        print(f"[{dev['machine']['device']}] the inner loop driven directly: paper objective at {g['size']}x{g['size']}, "
-              f"{g['steps']} L-BFGS steps, warm network, from pixels to the result on the host")
-        head = f"{'precision':<9} {'implementation':<32} {'total s':>8} {'ms/step':>8} {'final loss':>11}  mode"
+        print(f"[{dev['machine']['device']}] the engine's loop: stylize() of a {g['size']}x{g['size']} square, "
+              f"{g['steps']} L-BFGS steps, warm network, end to end (style targets included, result on the host)")
+        head = (f"{'precision':<9} {'implementation':<32} {'total s':>8} {'ms/step':>8} {'syncs/step':>10} "
+                f"{'final loss':>11}  steps ran as")
         print(head)
         print("-" * len(head))
         for r in g["runs"]:
             if "error" in r:
                 print(f"{r['precision']:<9} {r['implementation']:<32} failed: {r['error']}")
                 continue
-            mode = r["mode"] + (f" ({r['why_eager']})" if r["mode"] == "eager" and r["why_eager"] else "")
-            print(f"{r['precision']:<9} {r['implementation']:<32} {r['total_s']:>8.3f} {r['steady_ms_per_step']:>8.3f} "
-                  f"{r['final_loss']:>11.4g}  {mode}")
+            syncs = r.get("syncs_per_step")
+            ms = r["steady_ms_per_step"]
+            print(f"{r['precision']:<9} {r['implementation']:<32} {r['total_s']:>8.3f} "
+                  f"{'-' if ms is None else format(ms, '.3f'):>8} {'-' if syncs is None else format(syncs, '.1f'):>10} "
+                  f"{r['final_loss']:>11.4g}  {r['mode']}")
         best = [r for r in g["runs"] if "total_s" in r and r["implementation"].startswith("new")]
         if best and g["size"] == TARGET_SIZE and g["steps"] == TARGET_ITERATIONS:
             b = min(best, key=lambda r: r["total_s"])
             print(f"  target: {TARGET_SIZE}x{TARGET_SIZE} x {TARGET_ITERATIONS} steps <= {LOOP_TARGET_S:.1f} s: "
                   f"best {b['total_s']:.3f} s ({b['precision']}): {'met' if b['total_s'] <= LOOP_TARGET_S else 'NOT met'}")
+        windows = {tuple(r["sync_window"]) for r in g["runs"] if "sync_window" in r}
+        if windows:
+            print("  syncs/step: host synchronisations (torch.cuda sync debug mode 'warn') between the progress "
+                  f"reports of steps {' / '.join(f'{a}-{b}' for a, b in sorted(windows))}, readback included")
         print("  per step against a bare VGG-19 forward+backward at the same shape and precision (ms):")
         for row in g["ratio"]:
             def f(k):
@@ -686,20 +692,17 @@ def print_gpu_loop(dev: dict) -> None:
             print(f"    {row['precision']}: new {f('new_ms')} / bare captured {f('bare_captured_ms')} = "
                   f"{f('new_over_bare_captured')}x; torch {f('torch_ms')} / bare eager {f('bare_eager_ms')} = "
                   f"{f('torch_over_bare_eager')}x" + (f"  ({row['error']})" if "error" in row else ""))
-        if g["syncs"]:
-            print("  host synchronisations per steady step (sync debug mode 'warn', full history, readback included): "
-                  + "; ".join(f"{k}: {'-' if v is None else format(v, '.1f')}" for k, v in g["syncs"].items()))
     m = dev.get("gpu_memory")
     if m:
         print()
-        print(f"[{dev['machine']['device']}] memory of the new loop (L-BFGS history on the device, captured step)")
+        print(f"[{dev['machine']['device']}] memory of stylize() (L-BFGS history on the device, step captured)")
         for r in m["peak"]:
             if "error" in r:
-                print(f"  {m['big']}x{m['big']} new loop ({r['precision']}): failed: {r['error']}")
+                print(f"  {m['big']}x{m['big']} ({r['precision']}): failed: {r['error']}")
             else:
-                print(f"  {m['big']}x{m['big']} new loop ({r['precision']}, history {r['history']} preallocated): peak "
-                      f"allocated {_mib(r['peak_allocated_bytes'])}, reserved {_mib(r['peak_reserved_bytes'])} "
-                      f"({r['mode']})")
+                print(f"  {m['big']}x{m['big']} ({r['precision']}, a {TARGET_ITERATIONS}-step run stopped after "
+                      f"{r['steps']} steps, history {r['history']} preallocated): peak allocated "
+                      f"{_mib(r['peak_allocated_bytes'])}, reserved {_mib(r['peak_reserved_bytes'])}")
         for r in m["largest"]:
             if r.get("largest_side") is None:
                 print(f"  largest square ({r['precision']}, history {r['history']}): none found: {r.get('tried')}")
@@ -874,13 +877,16 @@ def print_report(report: dict) -> None:
                   + "; ".join(f"{r['size']}: " + " ".join(f"{n.replace('relu', '')}={_ms(v)}"
                                                           for n, v in r["loss_terms_by_style_layer_s"].items())
                               for r in rows))
-            print(f"  L-BFGS@k: torch LBFGS bookkeeping at the loop's history length k="
+            print(f"  L-BFGS@k: the loop's L-BFGS ({rows[0].get('lbfgs_implementation', 'torch')}) bookkeeping at "
+                  f"its history length k="
                   f"{rows[0]['lbfgs_history_len_measured']}; L-BFGS@100 with a full history (a 500-step run's "
                   f"usual state); ratio@100 = ratio + (L-BFGS@100 - L-BFGS@k) / bare")
             print("  rest = loop - bare - loss terms - L-BFGS@k: the engine's own per-step cost plus noise")
-            print("  nst_core.lbfgs (device-resident, not yet used by the engine) at full history (ms): "
-                  + ", ".join(f"{r['size']}: {_ms(r.get('lbfgs_device_s_at_full_history'))} against torch's "
-                              f"{_ms(r['lbfgs_s_at_full_history'])}" for r in rows))
+            print("  L-BFGS bookkeeping at full history (ms), nst_core.lbfgs (device-resident) against "
+                  "torch.optim.LBFGS: "
+                  + ", ".join(f"{r['size']}: {_ms(r.get('lbfgs_device_s_at_full_history'))} against "
+                              f"{_ms(r.get('lbfgs_torch_s_at_full_history', r['lbfgs_s_at_full_history']))}"
+                              for r in rows))
             print(f"  memory: {rows[0]['memory_measure']}")
             for r in rows:
                 if dev["machine"]["device"].startswith("cpu") and r["size"] == 256:

@@ -37,6 +37,7 @@ import torch  # noqa: E402
 
 import nst_core  # noqa: E402
 from nst_core import devices  # noqa: E402
+from nst_core import normalization as N  # noqa: E402
 from nst_core import weights as W  # noqa: E402
 from nst_core.errors import NSTError  # noqa: E402
 from nst_core.samples import CALIBRATION, HELD_OUT, SAMPLES_DIR  # noqa: E402
@@ -47,7 +48,7 @@ SHARED_SETS = {"tubingen (photo)": ["tubingen.jpg"],
 
 
 def crops_with_mirrors(paths) -> torch.Tensor:
-    batch = torch.stack([c for p in paths for c in W.calibration_crops(p)])
+    batch = torch.stack([c for p in paths for c in N.calibration_crops(p)])
     return torch.cat([batch, batch.flip(-1)])
 
 
@@ -64,9 +65,9 @@ def old_scales(stats) -> dict[str, torch.Tensor]:
     """The former rule: every live filter's scale capped at 10x its layer's median."""
     out = {}
     for conv, st in stats.items():
-        alive = st["mean"] > W.DEAD_RATIO * st["magnitude"]
+        alive = st["mean"] > N.DEAD_RATIO * st["magnitude"]
         raw = torch.where(alive, 1.0 / st["mean"].clamp_min(1e-300), torch.ones_like(st["mean"]))
-        out[conv] = raw.clamp_max(W.MAX_SCALE_OVER_MEDIAN * raw[alive].median()) if alive.any() else raw
+        out[conv] = raw.clamp_max(N.MAX_SCALE_OVER_MEDIAN * raw[alive].median()) if alive.any() else raw
     return out
 
 
@@ -79,7 +80,7 @@ def old_images() -> torch.Tensor:
 def _centre(path) -> torch.Tensor:
     from PIL import Image
 
-    size = W.CALIBRATION_SIZE
+    size = N.CALIBRATION_SIZE
     with Image.open(path) as im:
         im = im.convert("RGB")
         s = size / min(im.size)
@@ -97,7 +98,7 @@ def held_out_means(calibration_stats, scales, held_stats, capped_too=False) -> d
     out = {}
     for conv, st in calibration_stats.items():
         normalised = st["mean"] * scales[conv].double()
-        keep = st["mean"] > W.DEAD_RATIO * st["magnitude"]
+        keep = st["mean"] > N.DEAD_RATIO * st["magnitude"]
         if not capped_too:
             keep &= (normalised - 1).abs() <= 1e-6
         out[conv] = (held_stats[conv]["mean"] * scales[conv].double())[keep]
@@ -112,7 +113,7 @@ def spread(means: torch.Tensor) -> dict[str, float]:
 
 
 def report(title, calibration_stats, scales, held_sets, state, pooling, device, counts=None) -> None:
-    held_stats = {name: W.filter_statistics(state, pooling, images, device) for name, images in held_sets.items()}
+    held_stats = {name: N.filter_statistics(state, pooling, images, device) for name, images in held_sets.items()}
     held = {name: held_out_means(calibration_stats, scales, st) for name, st in held_stats.items()}
     print(f"\n{title}")
     print("per-filter means on the held-out images, of the filters at mean 1 on the calibration images:")
@@ -168,22 +169,22 @@ def main(argv=None) -> int:
     if args.calibrate_on:
         images, source = crops_with_mirrors(args.calibrate_on), ", ".join(Path(p).name for p in args.calibrate_on)
     else:
-        images, source = W.calibration_images(), ", ".join(CALIBRATION)
+        images, source = N.calibration_images(), ", ".join(CALIBRATION)
     print(f"weights {label}, {args.pooling} pooling, on {devices.describe(device)}")
-    print(f"calibration: {images.shape[0]} crops at {W.CALIBRATION_SIZE} px (with mirrors) from {source}")
+    print(f"calibration: {images.shape[0]} crops at {N.CALIBRATION_SIZE} px (with mirrors) from {source}")
     print(f"held out: {', '.join(held_sets)}" + (f" ({', '.join(missing)} absent)" if missing else ""))
 
-    stats = W.filter_statistics(state, args.pooling, images, device)
+    stats = N.filter_statistics(state, args.pooling, images, device)
     counts = {}
-    scales = W.scales_from_statistics(stats, counts)
-    report(f"this calibration (dead: scale 1; near-dead, i.e. active at under {W.NEAR_DEAD_RATE:.0%} of the positions "
-           f"or mean under {W.NEAR_DEAD_RATIO:.0%} of the mean |pre-activation|: capped at "
-           f"{W.MAX_SCALE_OVER_MEDIAN:g}x the layer median)",
+    scales = N.scales_from_statistics(stats, counts)
+    report(f"this calibration (dead: scale 1; near-dead, i.e. active at under {N.NEAR_DEAD_RATE:.0%} of the positions "
+           f"or mean under {N.NEAR_DEAD_RATIO:.0%} of the mean |pre-activation|: capped at "
+           f"{N.MAX_SCALE_OVER_MEDIAN:g}x the layer median)",
            stats, scales, held_sets, state, args.pooling, device, counts)
     if args.compare_old:
-        old_stats = W.filter_statistics(state, args.pooling, old_images(), device)
+        old_stats = N.filter_statistics(state, args.pooling, old_images(), device)
         report("the former calibration (chelsea and gravel, centre crops with mirrors; every filter capped at "
-               f"{W.MAX_SCALE_OVER_MEDIAN:g}x the layer median)", old_stats, old_scales(old_stats), held_sets,
+               f"{N.MAX_SCALE_OVER_MEDIAN:g}x the layer median)", old_stats, old_scales(old_stats), held_sets,
                state, args.pooling, device)
     print(f"\n{time.perf_counter() - started:.0f} s")
     return 0

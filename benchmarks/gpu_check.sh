@@ -88,16 +88,18 @@ part env 60 env.txt bash -c env_report
 
 # 2. the gpu tests (they skip without CUDA); no daemon/ test: watchdog is not installed there
 part pytest 150 pytest.txt "$PY" -m pytest -p pytest_time_limit -p no:cacheprovider -o faulthandler_timeout=100 \
-  -m gpu -q -rs tests/test_capture.py tests/test_lbfgs.py tests/test_losses.py tests/test_service.py
+  -m gpu -q -rs tests/test_engine_loop.py tests/test_capture.py tests/test_lbfgs.py tests/test_losses.py \
+  tests/test_service.py
 
-# 3. the new loop driven directly: 512x500 in fp32/TF32/bf16 against torch's LBFGS, ratio, syncs
+# 3. the engine's loop end to end (stylize): 512x500 in fp32/TF32/bf16 against NST_LBFGS=torch, ratio
+#    to a bare forward+backward, host syncs per step
 part loop 170 loop.txt "$PY" benchmarks/bench_engine.py "${BENCH[@]}" --sections loop --json-file "$OUT/bench_loop.json"
 
-# 4. its peak memory at 2048 and the largest square that fits untiled (time-boxed search)
+# 4. stylize's peak memory at 2048 and the largest square it runs untiled (time-boxed search)
 if [ $DRY -eq 1 ]; then FIT=(); else FIT=(--fit-seconds 90); fi
 part memory 150 memory.txt "$PY" benchmarks/bench_engine.py "${BENCH[@]}" "${FIT[@]}" --sections memory
 
-# 5. the engine as it is (stylize end to end: torch's LBFGS, eager): 512x500 and 2048 memory
+# 5. the earlier targets (stylize, TF32): 512x500 with the default settings, 2048 with a full history
 part targets 100 targets.txt "$PY" benchmarks/bench_engine.py "${BENCH[@]}" --sections targets
 
 # 6. HOOK for the tiled objective's benchmark (issue 10): TILED_CHECK="command ..." runs that;

@@ -22,9 +22,12 @@ def yiq_to_rgb(yiq: torch.Tensor) -> torch.Tensor:
     return torch.einsum("ij,jhw->ihw", _YIQ_TO_RGB.to(yiq), yiq)
 
 
+_Y = tuple(_RGB_TO_YIQ[0].tolist())
+
+
 def luminance(rgb: torch.Tensor) -> torch.Tensor:
-    """1×H×W luminance."""
-    return rgb_to_yiq(rgb)[:1]
+    """1×H×W luminance (weights as Python numbers: no host tensor to copy inside a captured step)."""
+    return (_Y[0] * rgb[0:1] + _Y[1] * rgb[1:2] + _Y[2] * rgb[2:3])
 
 
 def match_luminance(style_y: torch.Tensor, content_y: torch.Tensor) -> torch.Tensor:

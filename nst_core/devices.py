@@ -32,9 +32,18 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def configure(device: torch.device, tf32: bool = True) -> None:
-    """TF32 (unless `tf32` is False: full float32) and cuDNN autotuning on CUDA; on the CPU as
-    many threads as this process may use."""
+TF32_ENV = "NST_TF32"  # "0": the network in full float32 on CUDA too (for comparison)
+
+
+def tf32_by_env() -> bool:
+    return os.environ.get(TF32_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def configure(device: torch.device, tf32: bool | None = None) -> None:
+    """TF32 (unless `tf32` is False, or by default $NST_TF32=0: full float32) and cuDNN autotuning
+    on CUDA; on the CPU as many threads as this process may use."""
+    if tf32 is None:
+        tf32 = tf32_by_env()
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = tf32
         torch.backends.cudnn.allow_tf32 = tf32

@@ -13,10 +13,13 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import color, devices, losses
-from .errors import Cancelled, ImageError, OutOfMemory, ParamError
+from . import color, devices, lbfgs, losses
+from .capture import CapturedStep
+from .errors import ImageError, OutOfMemory, ParamError
 from .images import Picture, fit, load_image, resize_picture
+from .objective import TERMS, Objective, make_step
 from .params import INITS, StyleParams
+from .readback import run_steps
 from .vgg import VGGFeatures
 
 RANDOM_WEIGHTS_NOTE = (
@@ -38,7 +41,10 @@ class Progress:
     _render: Callable[[int | None], Picture] = field(repr=False, default=None)
 
     def image(self, max_side: int | None = None) -> Picture:
-        """The current result (colour preserved, alpha put back); valid only during the callback."""
+        """The current result (colour preserved, alpha put back); valid only during the callback.
+
+        Rendered only when asked. On a GPU the losses are reported a step late, and the image may
+        then be a step further on than they are."""
         return self._render(max_side)
 
     def to_mapping(self) -> dict:
@@ -54,6 +60,7 @@ class Result:
     device: str
     weights_label: str
     weights_note: str | None = None
+    loop: str = ""  # how each level's steps ran: "graph" (a captured CUDA graph, replayed) or "eager (why)"
 
 
 class Session:
@@ -156,6 +163,7 @@ def stylize(
         device=devices.describe(device),
         weights_label=getattr(net, "weights_label", params.weights),
         weights_note=RANDOM_WEIGHTS_NOTE if getattr(net, "is_random", False) else None,
+        loop="; ".join(run.loop_modes),
     )
 
 
@@ -183,6 +191,7 @@ class _Run:
         self.style_layers = {k: w for k, w in params.style_layers.items() if w > 0} if params.style_weight > 0 else {}
         self.last_losses = {"total": 0.0, "content": 0.0, "style": 0.0, "tv": 0.0}
         self.step = 0
+        self.loop_modes: list[str] = []  # per level: CapturedStep's mode (and why eager)
 
     # ---- images at a level ----------------------------------------------------------------------
 
@@ -205,8 +214,9 @@ class _Run:
             s = color.as_grey_rgb(y)
         return s
 
-    def _features(self, image: torch.Tensor, layers) -> dict:
-        with devices.autocast(self.device, self.p.precision):
+    def _features(self, image: torch.Tensor, layers, cache: bool = True) -> dict:
+        """The network's maps of a 3×H×W image; `cache` False inside a captured step (see devices.autocast)."""
+        with devices.autocast(self.device, self.p.precision, cache_enabled=cache):
             return self.net(image.unsqueeze(0).contiguous(memory_format=self.fmt), layers)
 
     def _style_targets(self, content_rgb: torch.Tensor, side: int) -> dict:
@@ -258,7 +268,23 @@ class _Run:
         return x.detach()
 
     def _level(self, x, content_rgb, side, iters, li) -> torch.Tensor:
-        p = self.p
+        """`iters` optimiser steps at one size: objective → optimiser → step (captured on CUDA) → run."""
+        x = x.detach().to(torch.float32).clone(memory_format=torch.contiguous_format).requires_grad_(True)
+        objective = self._objective(content_rgb, side)
+        # A history longer than the level's steps would never fill: the same steps with less memory.
+        step = make_step(objective, x, self._optimiser(x, history=min(lbfgs.DEFAULT_HISTORY, max(1, iters))))
+        if self.p.optimizer == "adam":
+            step = _clamped(step, x)
+        captured = CapturedStep(step, self.device)
+        try:
+            self._steps(captured, x, iters, li, side)
+        finally:
+            self.loop_modes.append(captured.mode if captured.reason is None else f"{captured.mode} ({captured.reason})")
+            captured.release()
+        return x
+
+    def _objective(self, content_rgb, side) -> Objective:
+        """The level's loss: anything with ``loss_and_grad(x) -> (terms, grad)`` (TERMS order) fits here."""
         with torch.no_grad():
             content_targets = (
                 {n: f.detach() for n, f in self._features(self._seen(content_rgb), self.content_layers).items()}
@@ -266,49 +292,39 @@ class _Run:
             )
         style_targets = self._style_targets(content_rgb, side) if self.style_layers else {}
         layers = set(self.content_layers) | set(self.style_layers)
-        x = x.clone().requires_grad_(True)
-        if p.optimizer == "lbfgs":
-            # One iteration per step() keeps the history across steps and lets us report and cancel
-            # after each loss evaluation.
-            opt = torch.optim.LBFGS([x], lr=p.step_size, max_iter=1, history_size=100)
-        else:
-            opt = torch.optim.Adam([x], lr=p.step_size)
-        terms = {}
+        p = self.p
+        return Objective(lambda x: self._features(self._seen(x), layers, cache=False),
+                         content_targets, self.content_layers, style_targets, self.style_layers,
+                         p.content_weight, p.style_weight, p.tv_weight)
 
-        def closure():
-            opt.zero_grad(set_to_none=True)
-            feats = self._features(self._seen(x), layers) if layers else {}
-            c = sum((w * losses.content_loss(feats[n], content_targets[n]) for n, w in self.content_layers.items()),
-                    x.new_zeros(()))
-            s = sum((w * losses.style_layer_loss(feats[n], style_targets[n]) for n, w in self.style_layers.items()),
-                    x.new_zeros(()))
-            t = losses.tv_loss(x) if p.tv_weight > 0 else x.new_zeros(())
-            total = p.content_weight * c + p.style_weight * s + p.tv_weight * t
-            total.backward()
-            terms.update(total=total.detach(), content=c.detach(), style=s.detach(), tv=t.detach())
-            return total
+    def _optimiser(self, x, history: int = lbfgs.DEFAULT_HISTORY):
+        """L-BFGS on the device ($NST_LBFGS=torch: torch.optim.LBFGS), or Adam."""
+        if self.p.optimizer == "lbfgs":
+            return lbfgs.make(x, lr=self.p.step_size, history_size=history)
+        return torch.optim.Adam([x], lr=self.p.step_size)
 
+    def _steps(self, step, x, iters, li, side) -> None:
+        """The level's steps, with progress as the losses arrive (a step late on a GPU)."""
         level_start = time.perf_counter()
-        for i in range(iters):
-            if self.is_cancelled():
-                raise Cancelled("cancelled")
-            opt.step(closure)
-            if p.optimizer == "adam":
-                with torch.no_grad():
-                    x.clamp_(0, 1)
-            self.step += 1
-            self.last_losses = {k: float(v) for k, v in terms.items()}
-            if self.progress is not None:
-                rate = (time.perf_counter() - level_start) / (i + 1)
-                self.progress(Progress(
-                    step=self.step, total=self.total, level=li + 1, levels=len(self.levels),
-                    losses=dict(self.last_losses), elapsed=time.perf_counter() - self.started,
-                    eta=self._eta(li, iters - i - 1, rate, side),
-                    _render=lambda max_side, x=x: self.render(x.detach(), max_side),
-                ))
-        if self.is_cancelled():
-            raise Cancelled("cancelled")
-        return x
+        first = self.step + 1
+
+        def report(number: int, values: list[float]) -> None:
+            self.step = number
+            self.last_losses = dict(zip(TERMS, values))
+            if self.progress is None:
+                return
+            done = number - first + 1
+            rate = (time.perf_counter() - level_start) / done
+            self.progress(Progress(
+                step=number, total=self.total, level=li + 1, levels=len(self.levels),
+                losses=dict(self.last_losses), elapsed=time.perf_counter() - self.started,
+                eta=self._eta(li, iters - done, rate, side),
+                _render=lambda max_side: self.render(x.detach(), max_side),
+            ))
+
+        # depth 1: the host queues the next step while the device runs this one, so the device never
+        # waits, losses come one step late, and a cancel set in a callback lets at most one more step run.
+        run_steps(step, iters, self.device, report=report, is_cancelled=self.is_cancelled, first=first, depth=1)
 
     def _eta(self, li, left_here, rate, side) -> float:
         """Seconds left: this level's pace, scaled by pixel count for the finer levels."""
@@ -336,6 +352,17 @@ class _Run:
 
 
 # ---- helpers --------------------------------------------------------------------------------------
+
+def _clamped(step, x: torch.Tensor):
+    """`step`, then x clamped to [0, 1] (Adam's steps leave the image's range; L-BFGS's are kept as the paper's)."""
+    def clamped() -> torch.Tensor:
+        terms = step()
+        with torch.no_grad():
+            x.clamp_(0, 1)
+        return terms
+    clamped.capturable = getattr(step, "capturable", False)
+    return clamped
+
 
 def resize(rgb: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """Antialiased bicubic resize of a C×H×W tensor (unchanged when the size already matches)."""

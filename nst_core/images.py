@@ -4,14 +4,11 @@ Loading (`load_image`) applies the EXIF orientation, keeps alpha exactly, and ke
 channel where the file has them. TIFF is read with tifffile (with imagecodecs for LZW, JPEG and
 the other compressions): every sample size, chunky or planar (PlanarConfiguration=2), grey, RGB or
 palette, with or without alpha; the kinds it gives no RGB for (CMYK, YCbCr, L*a*b*) go to Pillow,
-at 8 bits. Other formats are read with Pillow. Its PNG decoder reduces 16-bit RGB(A) and grey+alpha
-to 8 bits; we let the same C decoder run a second time with the byte order of its unpacker swapped,
-which yields the low bytes (for grey+alpha, the second pass copies the bytes as they are). That
-keeps PNG decoding in Pillow's C code; the tests check the result against PNG files written byte by
-byte. This relies on Pillow's unpacker names, hence the pin below its next major version.
+at 8 bits (`tiff`). Other formats are read with Pillow (`pillow_decode`, which gets all 16 bits of
+16-bit PNGs out of Pillow's own decoder).
 
 Saving (`save_image`) is atomic (`outputs.atomic_write`: a hidden temporary file in the target
-folder, fsync, rename, fsync of the folder). TIFF is written by tifffile (8 or 16 bits); 16-bit PNG by the small encoder below
+folder, fsync, rename, fsync of the folder). TIFF is written by tifffile (8 or 16 bits); 16-bit PNG by `png16`
 (Pillow cannot write 16-bit RGB). JPEG and BMP have no alpha: pictures with alpha are composited
 over white, as browsers and image editors flatten them.
 
@@ -20,12 +17,10 @@ Problems the user can fix are `ImageError`s that name the file and the problem.
 
 from __future__ import annotations
 
-import io
 import os
 import re
 import stat
 import struct
-import sys
 import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -33,11 +28,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import tifffile
 from PIL import Image, UnidentifiedImageError
 
 from .errors import ImageError
 from .outputs import atomic_write, name_max
+from .pillow_decode import decode, exif_orientation, png_header_size
+from .png16 import encode_png16
+from .tiff import is_tiff, read_tiff, write_tiff
 
 # Largest image accepted, in pixels, checked from the header before any pixel is decoded: 8192×8192
 # (64 megapixels) covers every camera up to 61 MP and stays below Pillow's own warning threshold
@@ -62,7 +59,6 @@ SIXTEEN_BIT_FORMATS = frozenset({"PNG", "TIFF"})
 JPEG_QUALITY = 95
 WEBP_QUALITY = 95
 
-_ORIENTATION_TAG = 0x0112
 
 
 @dataclass
@@ -120,7 +116,7 @@ def load_image(path) -> Picture:
     except OSError as e:
         raise ImageError(path, f"cannot open the file ({e.strerror or e})") from None
     with f:
-        got = _read_tiff(f, path) if _is_tiff(f) else None
+        got = read_tiff(f, path, MAX_PIXELS) if is_tiff(f) else None
         if got is None:
             f.seek(0)
             got = _read_pillow(f, path)
@@ -140,8 +136,8 @@ def _read_pillow(f, path: Path) -> tuple[np.ndarray, np.ndarray | None, int, int
     im = _open_checked(f, path)
     with im:
         try:
-            planes, alpha, depth, notes = _decode(im, f)
-            orientation = _exif_orientation(im)
+            planes, alpha, depth, notes = decode(im, f)
+            orientation = exif_orientation(im)
         except ImageError:
             raise
         except MemoryError:
@@ -187,7 +183,7 @@ def _open_checked(f, path: Path) -> Image.Image:
         raise ImageError(path, f"the image is too large ({n}; at most {MAX_PIXELS:,} pixels are "
                                "accepted): refusing to decode it (possibly a decompression bomb)") from None
     except UnidentifiedImageError:
-        dims = _png_header_size(f)
+        dims = png_header_size(f)
         if dims is not None and 0 in dims:
             raise ImageError(path, f"the image has no pixels ({dims[0]}×{dims[1]})") from None
         raise ImageError(path, "not an image (or cut off within its header), or not in a format Neural "
@@ -203,261 +199,6 @@ def _open_checked(f, path: Path) -> Image.Image:
         raise ImageError(path, f"the image is too large: {w}×{h} = {w * h:,} pixels, at most {MAX_PIXELS:,} "
                                "are accepted (refusing to decode it: possibly a decompression bomb)")
     return im
-
-
-def _png_header_size(f) -> tuple[int, int] | None:
-    """Width and height from a PNG's IHDR (Pillow refuses to open a PNG with a 0 side)."""
-    try:
-        f.seek(0)
-        head = f.read(24)
-    except OSError:
-        return None
-    if len(head) == 24 and head[:8] == _PNG_SIGNATURE and head[12:16] == b"IHDR":
-        return struct.unpack(">II", head[16:24])
-    return None
-
-
-# Pillow rawmodes of 16-bit samples that it reduces to 8 bits, and how to get all 16 back.
-_WIDE_RGB = re.compile(r"(RGB|RGBA|RGBX);16([BLN])")
-_WIDE_LA = re.compile(r"LA;16([BLN])")
-
-
-def _tile_rawmode(im: Image.Image) -> str | None:
-    if not im.tile:
-        return None
-    args = im.tile[0][3]
-    if isinstance(args, str):
-        return args
-    if isinstance(args, tuple) and args and isinstance(args[0], str):
-        return args[0]
-    return None
-
-
-def _with_rawmode(im: Image.Image, rawmode: str) -> None:
-    """Point every tile of a not yet loaded image at another rawmode."""
-    tiles = []
-    for t in im.tile:
-        args = t[3]
-        args = rawmode if isinstance(args, str) else (rawmode,) + tuple(args[1:])
-        tiles.append(t._replace(args=args) if hasattr(t, "_replace") else (t[0], t[1], t[2], args))
-    im.tile = tiles
-
-
-def _native(order: str) -> str:
-    return ("L" if sys.byteorder == "little" else "B") if order == "N" else order
-
-
-def _decode(im: Image.Image, f) -> tuple[np.ndarray, np.ndarray | None, int, dict]:
-    """Pixels as H×W×3 uint8/uint16 planes, alpha (H×W or None), bit depth, notes for `info`."""
-    notes: dict = {}
-    raw = _tile_rawmode(im) or ""
-    fmt = im.format
-    if fmt == "TIFF" and ";16" in raw:  # only kinds tifffile leaves to Pillow (CMYK, YCbCr, ...)
-        notes["precision_note"] = "16-bit samples read with 8-bit precision"
-    m_rgb, m_la = _WIDE_RGB.fullmatch(raw), _WIDE_LA.fullmatch(raw)
-    if (m_rgb or m_la) and fmt == "PNG":
-        # 16-bit colour: Pillow keeps the high bytes; decode again for the low bytes.
-        im.load()
-        hi = np.asarray(im)
-        try:
-            f.seek(0)
-            with Image.open(f, formats=[fmt]) as again:
-                if m_rgb:
-                    order = _native(m_rgb.group(2))
-                    _with_rawmode(again, f"{m_rgb.group(1)};16{'B' if order == 'L' else 'L'}")
-                    again.load()
-                    lo = np.asarray(again)
-                    wide = (hi.astype(np.uint16) << 8) | lo
-                else:
-                    order = _native(m_la.group(1))
-                    _with_rawmode(again, "RGBA")  # 4 bytes a pixel, copied as they are
-                    again.load()
-                    b = np.asarray(again).astype(np.uint16)
-                    if order == "B":
-                        wide = np.stack([b[..., 0] << 8 | b[..., 1], b[..., 2] << 8 | b[..., 3]], -1)
-                    else:
-                        wide = np.stack([b[..., 1] << 8 | b[..., 0], b[..., 3] << 8 | b[..., 2]], -1)
-                    wide = np.concatenate([wide[..., :1]] * 3 + [wide[..., 1:]], -1)
-        except (ValueError, KeyError) as e:
-            # A Pillow without these unpackers: keep the 8 bits it gives, and say so.
-            notes["precision_note"] = f"16-bit samples read with 8-bit precision ({e})"
-            return _split_alpha(hi) + (8, notes)
-        rgb, alpha = _split_alpha(wide)
-        if alpha is None:
-            rgb, alpha = _keyed(rgb, rgb, im.info.get("transparency"), 65535)
-        return rgb, alpha, 16, notes
-
-    mode = im.mode
-    transparency = im.info.get("transparency")
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        im.load()
-        a = np.asarray(im)
-        if mode == "F":
-            a = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=1.0, neginf=0.0)
-            a = np.rint(np.clip(a, 0.0, 1.0) * 65535)
-            notes["float_range"] = "values taken as [0, 1]"
-            transparency = None
-        grey = np.clip(a, 0, 65535).astype(np.uint16)
-        return _keyed(np.stack([grey] * 3, -1), grey, transparency, 65535) + (16, notes)
-    if mode in ("P", "PA"):
-        has_t = mode == "PA" or transparency is not None or getattr(im.palette, "mode", "") == "RGBA"
-        a = np.asarray(im.convert("RGBA" if has_t else "RGB"))
-        return _split_alpha(a) + (8, notes)
-    if mode in ("RGB", "RGBA", "L", "LA"):
-        im.load()
-        a = np.asarray(im)
-        if mode in ("L", "LA"):
-            a = a[..., None] if mode == "L" else a
-            a = np.concatenate([a[..., :1]] * 3 + ([a[..., 1:]] if mode == "LA" else []), -1)
-        if mode in ("RGB", "L"):
-            return _keyed(a, a[..., 0] if mode == "L" else a, transparency, 255) + (8, notes)
-        return _split_alpha(a) + (8, notes)
-    # 1, CMYK, YCbCr, LAB, HSV, RGBX, RGBa, La: Pillow converts these to RGB(A) (CMYK naively,
-    # without a colour profile).
-    target = "RGBA" if mode in ("RGBa", "La") else "RGB"
-    return _split_alpha(np.asarray(im.convert(target))) + (8, notes)
-
-
-# ---- TIFF ---------------------------------------------------------------------------------------
-
-_TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # classic and BigTIFF, either byte order
-# Photometric interpretations that tifffile's samples give RGB(A) for: MinIsWhite, MinIsBlack, RGB,
-# palette. The rest (CMYK, YCbCr, CIE L*a*b*, ...) are left to Pillow, which converts them to RGB.
-_TIFF_OWN = frozenset({0, 1, 2, 3})
-
-
-def _is_tiff(f) -> bool:
-    try:
-        f.seek(0)
-        head = f.read(4)
-        f.seek(0)
-    except OSError:
-        return False
-    return head in _TIFF_MAGIC
-
-
-def _read_tiff(f, path: Path) -> tuple[np.ndarray, np.ndarray | None, int, int, dict] | None:
-    """Decode the first image of a TIFF with tifffile, every layout (chunky or planar), sample size
-    and compression it knows; None for the kinds left to Pillow."""
-    try:
-        tif = tifffile.TiffFile(f)
-    except Exception as e:  # tifffile raises several types for a damaged header
-        raise ImageError(path, f"cannot read the image header: truncated or damaged ({e})") from None
-    with tif:
-        try:
-            page = tif.pages[0]
-            if int(page.photometric) not in _TIFF_OWN or page.dtype is None:
-                return None
-        except Exception as e:
-            raise ImageError(path, f"cannot read the image header: truncated or damaged ({e})") from None
-        w, h, depth = page.imagewidth, page.imagelength, max(1, page.imagedepth)
-        if w <= 0 or h <= 0:
-            raise ImageError(path, f"the image has no pixels ({w}×{h})")
-        n = w * h * depth
-        if n > MAX_PIXELS or n * page.samplesperpixel > 4 * MAX_PIXELS:
-            raise ImageError(path, f"the image is too large: {w}×{h}{f'×{depth}' if depth > 1 else ''} = {n:,} "
-                                   f"pixels, at most {MAX_PIXELS:,} are accepted (refusing to decode it: "
-                                   "possibly a decompression bomb)")
-        try:
-            data = page.asarray()
-            planes, alpha, bits, notes = _tiff_planes(page, data)
-        except MemoryError:
-            raise ImageError(path, f"not enough memory to decode a {w}×{h} image") from None
-        except ImageError:
-            raise
-        except Exception as e:  # tifffile and imagecodecs raise many types for damaged data
-            raise ImageError(path, f"the image data is truncated or damaged ({e})") from None
-        tag = page.tags.get(_ORIENTATION_TAG)
-        orientation = int(tag.value) if tag is not None and isinstance(tag.value, int) else 1
-        compression = getattr(page.compression, "name", str(page.compression))
-        info = {"format": "TIFF", "mode": notes.pop("mode"), "bits_per_sample": page.bitspersample,
-                "compression": compression, "planar": page.planarconfig == 2, **notes}
-        if depth > 1:
-            info["depth_note"] = f"the first of {depth} slices"
-    return planes, alpha, bits, orientation, info
-
-
-def _tiff_planes(page, data: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, int, dict]:
-    """H×W×3 colour and H×W alpha at 8 or 16 bits from a page's samples."""
-    # shaped: (separate samples, depth, length, width, contiguous samples); one of the two sample
-    # axes is 1, so this puts the samples last whether the file is chunky or planar
-    data = data.reshape(page.shaped)[:, 0].transpose(1, 2, 0, 3)
-    data = data.reshape(data.shape[0], data.shape[1], -1)
-    photometric = int(page.photometric)
-    notes: dict = {}
-    if photometric == 3:  # palette: 16-bit colour map entries taken to 8 bits, as Pillow does
-        if page.colormap is None:
-            raise ValueError("a palette image without a colour map")
-        cmap = (np.asarray(page.colormap, np.uint16) >> 8).astype(np.uint8).T
-        notes["mode"] = "P"
-        return np.take(cmap, data[..., 0].astype(np.intp), axis=0, mode="clip"), None, 8, notes
-    colour = 3 if photometric == 2 else 1
-    spp = data.shape[-1]
-    if spp < colour:
-        raise ValueError(f"{spp} samples a pixel for RGB")
-    extras = tuple(int(e) for e in page.extrasamples)
-    # the first extra sample is alpha unless the file says it is "unspecified" data (0); without an
-    # ExtraSamples tag, one extra sample is alpha (Pillow reads both cases so)
-    has_alpha = spp > colour and (extras[0] != 0 if extras else spp == colour + 1)
-    if data.dtype.kind == "f":
-        notes["float_range"] = "values taken as [0, 1]"
-    values, bits = _tiff_values(data[..., :colour + has_alpha], page)
-    top = (1 << bits) - 1
-    rgb, alpha = values[..., :colour], (values[..., colour].astype(np.int32) if has_alpha else None)
-    if photometric == 0:
-        rgb = top - rgb
-    if alpha is not None and extras and extras[0] == 1:  # associated (premultiplied) alpha
-        c, a = rgb.astype(np.int64), alpha[..., None]
-        rgb = np.where(a > 0, np.minimum((c * top + a // 2) // np.maximum(a, 1), top), 0).astype(rgb.dtype)
-    if colour == 1:
-        rgb = np.repeat(rgb, 3, -1)
-    notes["mode"] = ("RGB" if colour == 3 else "L") + ("A" if has_alpha else "")
-    return rgb, alpha, bits, notes
-
-
-def _tiff_values(a: np.ndarray, page) -> tuple[np.ndarray, int]:
-    """Samples as uint8 (sources of 1 to 8 bits) or uint16 (wider ones, and floats taken as [0, 1])."""
-    if a.dtype.kind == "f":
-        a = np.nan_to_num(a.astype(np.float32), nan=0.0, posinf=1.0, neginf=0.0)
-        return np.rint(np.clip(a, 0.0, 1.0) * 65535).astype(np.uint16), 16
-    if a.dtype.kind == "b":
-        return a.astype(np.uint8) * np.uint8(255), 8
-    bits = int(page.bitspersample)
-    if a.dtype.kind == "i":  # signed: the non-negative half is the range
-        a, bits = np.clip(a, 0, None).astype(a.dtype.str.replace("i", "u")), bits - 1
-    out_bits = 8 if bits <= 8 else 16
-    dtype = np.uint8 if out_bits == 8 else np.uint16
-    if bits == out_bits:
-        return a.astype(dtype, copy=False), out_bits
-    if bits > 16:
-        return (a >> (bits - 16)).astype(np.uint16), 16
-    top, m = (1 << out_bits) - 1, (1 << bits) - 1
-    return ((a.astype(np.uint32) * top + m // 2) // m).astype(dtype), out_bits
-
-
-def _split_alpha(a: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    return (a[..., :3], a[..., 3].copy()) if a.shape[-1] == 4 else (a, None)
-
-
-def _keyed(rgb: np.ndarray, key_src: np.ndarray, key, opaque: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """Colour-key transparency (PNG tRNS on grey or RGB) → an alpha channel."""
-    if key is None or isinstance(key, (bytes, bytearray)):
-        return rgb, None
-    if isinstance(key, tuple):
-        if key_src.ndim != 3 or len(key) != key_src.shape[-1]:
-            return rgb, None
-        hit = np.all(key_src == np.asarray(key, dtype=key_src.dtype), axis=-1)
-    else:
-        hit = key_src == key if key_src.ndim == 2 else np.all(key_src == key, axis=-1)
-    return rgb, np.where(hit, 0, opaque).astype(np.int32)
-
-
-def _exif_orientation(im: Image.Image) -> int:
-    try:
-        value = im.getexif().get(_ORIENTATION_TAG, 1)
-    except Exception:  # a damaged EXIF block must not make the picture unreadable
-        return 1
-    return value if isinstance(value, int) else 1
 
 
 # The transforms of PIL.ImageOps.exif_transpose, on the last two dimensions of a tensor.
@@ -649,10 +390,10 @@ def save_image(picture: Picture, path, metadata: dict | None = None, *, overwrit
     if fmt == "TIFF":
         planes = _to_ints(picture, 16 if sixteen else 8, with_alpha)
         planes = planes if sixteen else planes.astype(np.uint8)
-        write = lambda f: _write_tiff(f, planes, text)  # noqa: E731
+        write = lambda f: write_tiff(f, planes, text)  # noqa: E731
     elif sixteen:
         planes = _to_ints(picture, 16, with_alpha)
-        write = lambda f: f.write(_encode_png16(planes, text))  # noqa: E731
+        write = lambda f: f.write(encode_png16(planes, text))  # noqa: E731
     else:
         im = _to_pil(picture, with_alpha)
         write = lambda f: _save_pil(im, f, fmt, text)  # noqa: E731
@@ -714,77 +455,3 @@ def _save_pil(im: Image.Image, f, fmt: str, text: dict[str, str]) -> None:
         im.save(f, fmt)
 
 
-def _write_tiff(f, planes: np.ndarray, text: dict[str, str]) -> None:
-    """RGB or RGBA (unassociated alpha), 8 or 16 bits a sample as `planes` holds them, chunky,
-    Deflate with the horizontal predictor; metadata as the ImageDescription (TIFF ASCII is 7-bit:
-    other characters become "?")."""
-    desc = "\n".join(f"{k}={v}" for k, v in text.items()).encode("ascii", "replace").decode("ascii")
-    buf = io.BytesIO()  # tifffile takes a file object's name for a path; ours is a descriptor
-    tifffile.imwrite(buf, planes, photometric="rgb", planarconfig="contig",
-                     extrasamples=["unassalpha"] if planes.shape[-1] == 4 else None,
-                     compression="zlib", predictor=True, description=desc or None, metadata=None,
-                     software=False, resolution=None)
-    f.write(buf.getbuffer())
-
-
-# ---- 16-bit PNG encoder (Pillow writes 16-bit grey only) ------------------------------------------
-
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_PNG_ROWS_PER_BATCH = 256
-_IDAT_SIZE = 1 << 20
-
-
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-
-def _png_text_chunk(key: str, value: str) -> bytes:
-    try:
-        return _png_chunk(b"tEXt", key.encode("latin-1") + b"\0" + value.encode("latin-1"))
-    except UnicodeEncodeError:
-        return _png_chunk(b"iTXt", key.encode("latin-1") + b"\0\0\0\0\0" + value.encode("utf-8"))
-
-
-def _png_filter_rows(rows: np.ndarray, prev: np.ndarray, bpp: int) -> np.ndarray:
-    """Filter a batch of rows (n×stride uint8) with the filter that libpng's heuristic picks per
-    row (least sum of absolute signed bytes); returns n×(1+stride) with the filter byte first."""
-    x = rows.astype(np.int16)
-    up = np.vstack([prev[None].astype(np.int16), x[:-1]])
-    left = np.zeros_like(x)
-    left[:, bpp:] = x[:, :-bpp]
-    upleft = np.zeros_like(x)
-    upleft[:, bpp:] = up[:, :-bpp]
-    p = left + up - upleft
-    pa, pb, pc = np.abs(p - left), np.abs(p - up), np.abs(p - upleft)
-    paeth = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, up, upleft))
-    cands = np.stack([x, x - left, x - up, x - ((left + up) >> 1), x - paeth]) & 0xFF  # 5×n×stride
-    cost = np.where(cands < 128, cands, 256 - cands).sum(axis=2)  # 5×n
-    best = cost.argmin(axis=0)
-    chosen = np.take_along_axis(cands, best[None, :, None], axis=0)[0].astype(np.uint8)
-    return np.hstack([best.astype(np.uint8)[:, None], chosen])
-
-
-def _encode_png16(planes: np.ndarray, text: dict[str, str]) -> bytes:
-    """A 16-bit RGB or RGBA PNG (colour type 2 or 6) from an H×W×C uint16 array."""
-    h, w, c = planes.shape
-    rows = np.ascontiguousarray(planes, dtype=">u2").view(np.uint8).reshape(h, w * c * 2)
-    out = io.BytesIO()
-    out.write(_PNG_SIGNATURE)
-    out.write(_png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 6 if c == 4 else 2, 0, 0, 0)))
-    out.write(_png_chunk(b"sRGB", b"\0"))
-    for k, v in text.items():
-        out.write(_png_text_chunk(k, v))
-    z = zlib.compressobj(6)
-    pending = bytearray()
-    prev = np.zeros(rows.shape[1], np.uint8)
-    for start in range(0, h, _PNG_ROWS_PER_BATCH):
-        batch = rows[start:start + _PNG_ROWS_PER_BATCH]
-        pending += z.compress(_png_filter_rows(batch, prev, c * 2).tobytes())
-        prev = batch[-1]
-        while len(pending) >= _IDAT_SIZE:
-            out.write(_png_chunk(b"IDAT", bytes(pending[:_IDAT_SIZE])))
-            del pending[:_IDAT_SIZE]
-    pending += z.flush()
-    out.write(_png_chunk(b"IDAT", bytes(pending)))
-    out.write(_png_chunk(b"IEND", b""))
-    return out.getvalue()

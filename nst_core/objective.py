@@ -57,12 +57,13 @@ class Objective:
         return terms.detach(), grad
 
 
-def make_step(objective: Objective, x: torch.Tensor, optimizer) -> Callable[[], torch.Tensor]:
+def make_step(objective, x: torch.Tensor, optimizer) -> Callable[[], torch.Tensor]:
     """One optimiser step at x as a function of nothing, returning the terms at x before the step.
 
-    With our `nst_core.lbfgs.LBFGS` the step is free of host synchronisation and of tensors made
-    from host data, so it can be captured; with torch's LBFGS (or another torch.optim optimiser) it
-    is the engine's closure as today, for comparison.
+    `objective` is anything with ``loss_and_grad(x) -> (terms, grad)`` (an `Objective`, or one
+    that evaluates the image in tiles). With our `nst_core.lbfgs.LBFGS` the step is free of host
+    synchronisation and of tensors made from host data, so it can be captured; a torch.optim
+    optimiser (torch's LBFGS for comparison, Adam) gets the gradient as ``x.grad`` from its closure.
     """
     if hasattr(optimizer, "update"):
         def step() -> torch.Tensor:
@@ -75,10 +76,9 @@ def make_step(objective: Objective, x: torch.Tensor, optimizer) -> Callable[[], 
     box = {}
 
     def closure():
-        optimizer.zero_grad(set_to_none=True)
-        terms = objective.terms(x)
-        terms[0].backward()
-        box["terms"] = terms.detach()
+        terms, grad = objective.loss_and_grad(x)
+        x.grad = grad
+        box["terms"] = terms
         return terms[0]
 
     def step() -> torch.Tensor:

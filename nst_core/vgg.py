@@ -29,6 +29,17 @@ def state_dict_key(conv: str) -> str:
     return f"features.{VGG19_LAYERS.index(conv)}"
 
 
+def state_dict_shapes() -> dict[str, tuple[int, ...]]:
+    """The weight and bias shapes of all 16 convolutions, by state dict key."""
+    shapes, cin = {}, 3
+    for name in conv_names("relu5_4"):
+        cout = _CHANNELS[int(name[4])]
+        shapes[f"{state_dict_key(name)}.weight"] = (cout, cin, 3, 3)
+        shapes[f"{state_dict_key(name)}.bias"] = (cout,)
+        cin = cout
+    return shapes
+
+
 class VGGFeatures(nn.Module):
     """VGG-19 up to `last`, returning the outputs of the layers asked for by name."""
 

@@ -22,6 +22,7 @@ import torch
 from nst_core.errors import WeightsError
 from nst_core.params import FEATURE_LAYERS
 from nst_core.vgg import conv_names, state_dict_key
+from nst_core import normalization as N
 from nst_core import weights as W
 
 CHANNELS = {1: 64, 2: 128, 3: 256, 4: 512, 5: 512}
@@ -270,8 +271,8 @@ def test_url_without_hash_is_refused(monkeypatch):
 def small_calibration(monkeypatch) -> torch.Tensor:
     """The calibration images cut to their top-left 64×64 corners, for the tests of the mechanics
     (cache keys, seeds, pooling, defaults), which the real set would only make slower."""
-    images = W.calibration_images()[..., :64, :64].clone()
-    monkeypatch.setattr(W, "calibration_images", lambda: images)
+    images = N.calibration_images()[..., :64, :64].clone()
+    monkeypatch.setattr(N, "calibration_images", lambda: images)
     return images
 
 
@@ -298,10 +299,10 @@ def assert_normalised(net, images, upto="relu5_4") -> tuple[int, int]:
     positions), whose scale may be capped (mean < 1). Returns (capped, filters)."""
     capped_total = total = 0
     for relu, mean, magnitude, active in calibration_statistics(net, images, upto):
-        dead = mean <= W.DEAD_RATIO * magnitude
+        dead = mean <= N.DEAD_RATIO * magnitude
         capped = ~dead & (mean < 1 - 1e-3)
         assert torch.allclose(mean[~dead & ~capped], torch.ones((), dtype=mean.dtype), atol=1e-3), relu
-        near_dead = (mean < W.NEAR_DEAD_RATIO * magnitude) | (active < W.NEAR_DEAD_RATE)  # both scale-free
+        near_dead = (mean < N.NEAR_DEAD_RATIO * magnitude) | (active < N.NEAR_DEAD_RATE)  # both scale-free
         assert near_dead[capped].all(), f"{relu}: {int((capped & ~near_dead).sum())} filters capped that are not near-dead"
         capped_total += int(capped.sum())
         total += mean.numel()
@@ -317,7 +318,7 @@ def random_net(random_cache):
 
 @pytest.fixture(scope="module")
 def random_calibration(random_net):
-    return calibration_statistics(random_net, W.calibration_images())
+    return calibration_statistics(random_net, N.calibration_images())
 
 
 def test_the_rule_caps_only_near_dead_filters():
@@ -329,16 +330,16 @@ def test_the_rule_caps_only_near_dead_filters():
     active = torch.tensor([0.5, 0.5, 0.5, 0.5, 0.5, 0.005, 0.3, 0], dtype=torch.float64)
     counts = {}
     stats = {"conv1_1": {"mean": mean, "magnitude": magnitude, "active": active}}
-    scale = W.scales_from_statistics(stats, counts)["conv1_1"].double()
+    scale = N.scales_from_statistics(stats, counts)["conv1_1"].double()
     assert torch.allclose(scale[:5], 1 / mean[:5])  # mean 1 exactly, however weak the filter
-    cap = W.MAX_SCALE_OVER_MEDIAN * 8  # the median of the live filters' scales 1, 2, 4, 8, 1000, 1000, 1000
+    cap = N.MAX_SCALE_OVER_MEDIAN * 8  # the median of the live filters' scales 1, 2, 4, 8, 1000, 1000, 1000
     assert scale[5:7].tolist() == pytest.approx([cap, cap])
     assert float(scale[7]) == 1.0
     assert counts == {"conv1_1": {"filters": 8, "dead": 1, "near_dead": 2, "capped": 2}}
 
 
 def test_random_is_normalised_and_only_near_dead_filters_are_capped(random_net, random_calibration):
-    capped, total = assert_normalised(random_net, W.calibration_images())
+    capped, total = assert_normalised(random_net, N.calibration_images())
     print(f"random network: {capped} of {total} filters capped ({capped / total:.1%})")
     # Measured: 867 of 5504 (15.8%): in a random network with zero biases, a filter whose weights
     # sum negative is almost always off. The old rule capped 996, not all of them near-dead.
@@ -360,7 +361,7 @@ def test_per_filter_means_on_a_held_out_photo_stay_near_one(random_net, random_c
     from nst_core.samples import CALIBRATION, HELD_OUT, sample_path
 
     assert "coffee.png" in HELD_OUT and "coffee.png" not in CALIBRATION
-    crops = torch.stack(W.calibration_crops(sample_path("coffee")))
+    crops = torch.stack(N.calibration_crops(sample_path("coffee")))
     held = calibration_statistics(random_net, torch.cat([crops, crops.flip(-1)]))
     within, p90, median = held_out_spread(random_calibration, held)
     print(f"held-out coffee.png: {within:.1%} of the filters at mean 1 on the calibration are within a factor 2 "
@@ -452,8 +453,8 @@ def test_scales_cached_by_another_method_are_not_reused(monkeypatch, tmp_path, s
     monkeypatch.setenv("NST_CACHE_DIR", str(tmp_path))
     W.load_network("random")
     (first,) = (tmp_path / "scales").iterdir()
-    assert W.SCALES_METHOD in first.name
-    monkeypatch.setattr(W, "SCALES_METHOD", "v-test")
+    assert N.SCALES_METHOD in first.name
+    monkeypatch.setattr(N, "SCALES_METHOD", "v-test")
     W.load_network("random")
     names = sorted(p.name for p in (tmp_path / "scales").iterdir())
     assert len(names) == 2 and any("v-test" in n for n in names)
