@@ -90,3 +90,18 @@ def test_the_cluster_module_imports_no_ray_until_asked():
             "assert c.check_address('auto') is None; print('ray' in sys.modules)")
     r = _run(["-c", code])
     assert r.returncode == 0 and r.stdout.strip() == "False", r.stdout + r.stderr
+
+
+def test_an_error_from_a_cluster_worker_comes_back_as_the_same_kind_of_error():
+    from nst_core.errors import Cancelled, ImageError, NSTError, OutOfMemory, ParamError
+    from nst_core.service.cluster import _rebuild
+
+    e = _rebuild(ParamError("size", "an output of 9000×9000 is too large").to_mapping())
+    assert isinstance(e, ParamError) and e.field == "size" and e.message == "size: an output of 9000×9000 is too large"
+    assert e.to_mapping() == {"kind": "param", "message": e.message, "field": "size"}
+    e = _rebuild(ImageError("/x/a.png", "truncated").to_mapping())
+    assert isinstance(e, ImageError) and e.path == "/x/a.png" and e.message == "/x/a.png: truncated"
+    assert isinstance(_rebuild({"kind": "out_of_memory", "message": "m"}), OutOfMemory)
+    assert isinstance(_rebuild({"kind": "cancelled", "message": "m"}), Cancelled)
+    e = _rebuild({"kind": "rule", "message": "style gone"})  # a kind this side has no class for
+    assert type(e) is NSTError and e.to_mapping() == {"kind": "rule", "message": "style gone"}

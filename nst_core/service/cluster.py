@@ -101,12 +101,11 @@ class StyleWorker:
         from ..runtime import prepare_process
 
         prepare_process()
-        from ..devices import pick_device
+        from ..devices import pick_device, stable_name
         from ..engine import Session
         from .limits import max_work_pixels
-        from .scheduler import _device_name
 
-        self.device = _device_name(pick_device("auto"))
+        self.device = stable_name(pick_device("auto"))
         self.session = Session()
         self.work_limit = max_work_pixels(self.device)
         self._lock = threading.Lock()
@@ -122,7 +121,7 @@ class StyleWorker:
                 "device": self.device, "pid": os.getpid(), "work_limit": self.work_limit}
 
     def run(self, token, content, styles, params):
-        """("ok", engine Result) or ("error", NSTError.to_mapping() + its class)."""
+        """("ok", engine Result) or ("error", NSTError.to_mapping()): an error crosses as its mapping."""
         import ray
 
         from .. import devices
@@ -141,13 +140,13 @@ class StyleWorker:
                              cancel=self._cancel, session=self.session)
             return "ok", result
         except NSTError as e:
-            return "error", {**e.to_mapping(), "class": type(e).__name__}
+            return "error", e.to_mapping()
         except Exception as e:
             if devices.is_out_of_memory(e):
-                return "error", {"kind": "out_of_memory", "class": "OutOfMemory",
+                return "error", {"kind": "out_of_memory",
                                  "message": f"out of memory on {self.device} at size {params.size}: use a "
                                             f"smaller size ({type(e).__name__}: {e})"}
-            return "error", {"kind": "internal", "class": "InternalError",
+            return "error", {"kind": "internal",
                              "message": f"internal error on cluster worker {socket.gethostname()}: "
                                         f"{type(e).__name__}: {e}"}
         finally:
@@ -167,9 +166,6 @@ class StyleWorker:
                 self._cancel.set()
             else:
                 self._cancelled.add(token)  # it has not started here yet
-
-    def stats(self) -> dict:
-        return self.session.stats()
 
 
 def _rebuild(m: dict) -> NSTError:
@@ -283,9 +279,8 @@ class Cluster:
     def stop(self) -> None:
         self._stop.set()
         ray = _import_ray()
-        for w in list(self.scheduler._workers):
-            if w.remote is not None:
-                self._kill(w.remote.actor)
+        for w in self.scheduler.cluster_workers():
+            self._kill(w.remote.actor)
         for actor, *_ in self._pending:
             self._kill(actor)
         self._pending = []
@@ -319,22 +314,21 @@ class Cluster:
         ray = _import_ray()
         alive = {n["NodeID"]: n for n in ray.nodes() if n.get("Alive")}
         self.nodes = sum(1 for n in alive.values() if n.get("Resources", {}).get(self.resource, 0) >= 1)
-        for w in list(self.scheduler._workers):
-            if w.remote is not None and w.remote.node_id not in alive:
+        for w in self.scheduler.cluster_workers():
+            if w.remote.node_id not in alive:
                 log.warning("cluster worker %s left (its node is gone)", w.device)
                 self.scheduler.remove_worker(w)
         self._settle_pending(alive)
         have: dict[str, int] = {}
-        for w in self.scheduler._workers:
-            if w.remote is not None and not w.gone:
-                have[w.remote.node_id] = have.get(w.remote.node_id, 0) + 1
+        for w in self.scheduler.cluster_workers():
+            have[w.remote.node_id] = have.get(w.remote.node_id, 0) + 1
         for _, _, node_id, _ in self._pending:
             have[node_id] = have.get(node_id, 0) + 1
         for node_id, n in alive.items():
             want = int(n.get("Resources", {}).get(self.resource, 0))
             for _ in range(want - have.get(node_id, 0)):
                 self._create(node_id)
-        self.scheduler._changed()
+        self.scheduler.changed()
 
     def _create(self, node_id: str) -> None:
         ray = _import_ray()
@@ -348,8 +342,6 @@ class Cluster:
 
     def _settle_pending(self, alive: dict) -> None:
         ray = _import_ray()
-        from .scheduler import _Worker
-
         keep = []
         for actor, ref, node_id, since in self._pending:
             if node_id not in alive:
@@ -370,7 +362,7 @@ class Cluster:
                 continue
             remote = Remote(self, actor, info)
             name = f"{info['host']}[{node_id[:6]}]/{info['device']}"
-            self.scheduler.add_worker(_Worker(name, None, remote=remote), info["work_limit"])
+            self.scheduler.add_remote(name, remote, info["work_limit"])
             log.info("cluster worker %s joined (pid %d)", name, info["pid"])
         self._pending = keep
 

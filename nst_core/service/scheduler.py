@@ -139,7 +139,7 @@ class JobHandle:
                 self.future.set_exception(error)
 
 
-class _Worker:
+class Worker:
     """A device and its warm Session; or, for a cluster worker, `remote` (cluster.Remote) and a name."""
 
     def __init__(self, device: str, session, remote=None):
@@ -166,7 +166,7 @@ class Scheduler:
         self.work_limits: dict[str, int] = {}  # device → the most pixels a job may work at there
         self._cond = threading.Condition()
         self._queue: list[JobHandle] = []
-        self._workers: list[_Worker] = []
+        self._workers: list[Worker] = []
         self._seq = itertools.count(1)
         self._started = False
         self._stopping = False
@@ -195,18 +195,18 @@ class Scheduler:
                 self.cluster.start()
                 self._started = True
                 return
-            from ..devices import pick_device
+            from ..devices import pick_device, stable_name
 
             resolved = []
             for name in self.requested_devices:
-                dev = _device_name(pick_device(name))
+                dev = stable_name(pick_device(name))
                 if dev not in resolved:
                     resolved.append(dev)
             from .limits import max_work_pixels
 
             for dev in resolved:
                 self.work_limits[dev] = max_work_pixels(dev)
-                worker = _Worker(dev, self._session_factory(dev))
+                worker = Worker(dev, self._session_factory(dev))
                 worker.thread = threading.Thread(target=self._work, args=(worker,), name=f"nst-worker-{dev}",
                                                  daemon=True)
                 self._workers.append(worker)
@@ -263,7 +263,7 @@ class Scheduler:
         if self.cluster is not None:
             self.cluster.stop()
 
-    def add_worker(self, worker: _Worker, work_limit: int) -> None:
+    def add_worker(self, worker: Worker, work_limit: int) -> None:
         """A cluster worker joins: its thread starts taking jobs."""
         with self._cond:
             if self._stopping:
@@ -274,18 +274,28 @@ class Scheduler:
             self._workers.append(worker)
             self._cond.notify_all()
         worker.thread.start()
-        self._changed()
+        self.changed()
 
-    def remove_worker(self, worker: _Worker) -> None:
+    def remove_worker(self, worker: Worker) -> None:
         """A cluster worker left: it takes no more jobs (the one it runs ends with WorkerLost)."""
         with self._cond:
             worker.gone = True
             if worker in self._workers:
                 self._workers.remove(worker)
             self._cond.notify_all()
-        self._changed()
+        self.changed()
 
-    def _changed(self) -> None:
+    def add_remote(self, name: str, remote, work_limit: int) -> None:
+        """A cluster worker joins (cluster.Remote: its actor); its thread starts taking jobs."""
+        self.add_worker(Worker(name, None, remote=remote), work_limit)
+
+    def cluster_workers(self) -> list[Worker]:
+        """The cluster workers serving now."""
+        with self._cond:
+            return [w for w in self._workers if w.remote is not None]
+
+    def changed(self) -> None:
+        """Tell on_change (the daemon's STATUS) that the workers changed."""
         if self.on_change is not None:
             self.on_change()
 
@@ -322,7 +332,7 @@ class Scheduler:
 
     # -- internals --
 
-    def _fits(self, wanted: str) -> Callable[[_Worker], bool]:
+    def _fits(self, wanted: str) -> Callable[[Worker], bool]:
         """Which workers may run a job for device `wanted` (DeviceError when no local worker can)."""
         if self.cluster_address:  # workers come and go: "cuda" or "cuda:N" means a GPU worker anywhere
             kind = wanted.partition(":")[0]
@@ -330,7 +340,7 @@ class Scheduler:
         match = self._eligible(wanted)
         return lambda w: w in match
 
-    def _eligible(self, wanted: str) -> list[_Worker]:
+    def _eligible(self, wanted: str) -> list[Worker]:
         if self.cluster_address:
             fits = self._fits(wanted)
             return [w for w in self._workers if fits(w)]
@@ -357,7 +367,7 @@ class Scheduler:
             self.counts[job.state] += 1
             self.last_activity = time.monotonic()
 
-    def _take(self, worker: _Worker) -> JobHandle | None:
+    def _take(self, worker: Worker) -> JobHandle | None:
         with self._cond:
             while True:
                 if self._stopping:
@@ -375,7 +385,7 @@ class Scheduler:
                     return job
                 self._cond.wait()
 
-    def _work(self, worker: _Worker) -> None:
+    def _work(self, worker: Worker) -> None:
         while True:
             job = self._take(worker)
             if job is None:
@@ -388,7 +398,7 @@ class Scheduler:
             took = (job.finished or time.monotonic()) - job.started
             log.info("job %s %s in %.2f s on %s", job.id, job.state, took, worker.device)
 
-    def _run(self, worker: _Worker, job: JobHandle) -> None:
+    def _run(self, worker: Worker, job: JobHandle) -> None:
         from .. import devices
         from ..engine import stylize
         from ..images import Picture, load_image
@@ -433,7 +443,7 @@ class Scheduler:
             log.exception("job %s failed", job.id)  # a bug: report it and keep serving
             job._finish(error=InternalError(f"internal error in the service: {type(e).__name__}: {e}"))
 
-    def _run_remote(self, worker: _Worker, job: JobHandle) -> None:
+    def _run_remote(self, worker: Worker, job: JobHandle) -> None:
         from .cluster import run_remote
 
         try:
@@ -467,15 +477,6 @@ def _new_session(device: str):
     from ..engine import Session
 
     return Session()
-
-
-def _device_name(dev) -> str:
-    """A torch.device as a stable name: cuda → cuda:N (the current device)."""
-    if dev.type == "cuda" and dev.index is None:
-        import torch
-
-        return f"cuda:{torch.cuda.current_device()}"
-    return str(dev)
 
 
 def _stats(session) -> dict:
