@@ -60,6 +60,10 @@ def test_the_ray_units_and_the_daemons_unit_run_a_farm(container):
         c.run("systemctl", "enable", "--now", "nst-ray-head", timeout=120)
         c.wait(lambda: c.run(f"{VENV}/bin/ray", "status", f"--address={HEAD}", check=False, timeout=60).returncode == 0,
                120, "the head up")
+        c.sh("mkdir -p /etc/systemd/system/nst-daemon.service.d && printf '[Unit]\\nRequires=nst-ray-head.service\\n"
+             "After=nst-ray-head.service\\n' > /etc/systemd/system/nst-daemon.service.d/cluster.conf && "
+             "systemctl daemon-reload")  # the README's drop-in
+        assert "nst-ray-head.service" in c.run("systemctl", "show", "nst-daemon", "-p", "Requires", "--value").stdout
         c.run("systemctl", "enable", "--now", "nst-daemon", timeout=300)
         c.wait(lambda: "waiting for cluster workers" in c.show()["StatusText"], 30, "STATUS: waiting for workers")
         write_image(c.path("/srv/studio/in/a.png"), 2)

@@ -37,6 +37,7 @@ log = logging.getLogger("nst_core.service")
 POLL = 3.0  # seconds between looks at the cluster's nodes
 PROGRESS_POLL = 0.25  # seconds between progress questions to the actor running a job
 JOIN_TIMEOUT = 300.0  # seconds an actor may take to start (load torch) before it is given up
+JOIN_PATIENCE = 30.0  # seconds the daemon retries a head that listens but is not ready (its start)
 _ERRORS = {c.kind: c for c in (Cancelled, DeviceError, OutOfMemory, WeightsError, ImageError, ParamError,
                                InternalError, NSTError)}
 
@@ -81,12 +82,19 @@ def connect(address: str) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     main = threading.current_thread() is threading.main_thread()
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)} if main else {}
+    end = time.monotonic() + JOIN_PATIENCE
     try:
-        ray.init(address=address, namespace="nst", log_to_driver=False, logging_level=logging.WARNING,
-                 configure_logging=False)
-    except Exception as e:  # ConnectionError, or Ray's own for a head that does not answer as one
-        raise ClusterError(f"cluster {address}: cannot join the Ray cluster ({type(e).__name__}: "
-                           f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no reason given'})") from None
+        while True:
+            try:
+                ray.init(address=address, namespace="nst", log_to_driver=False, logging_level=logging.WARNING,
+                         configure_logging=False)
+                break
+            except Exception as e:  # ConnectionError, or Ray's own for a head still starting or not one
+                if time.monotonic() > end:
+                    why = str(e).strip().splitlines()[0] if str(e).strip() else "no reason given"
+                    raise ClusterError(f"cluster {address}: cannot join the Ray cluster ({type(e).__name__}: "
+                                       f"{why})") from None
+                time.sleep(2)
     finally:
         for sig, handler in handlers.items():  # ray.init sets its own, which exit at once
             signal.signal(sig, handler)
