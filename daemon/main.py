@@ -361,10 +361,11 @@ class Daemon:
                     self.notifier.status(text)
 
     def healthy(self) -> bool:
-        """Idle, or every running job made progress within stall_timeout (feeds systemd's watchdog)."""
+        """Idle, or every running job made progress within stall_timeout (feeds systemd's watchdog); a
+        job still waiting for a device (a cluster with no worker) is not stalled."""
         now = time.monotonic()
         limit = self.config.settings.stall_timeout
-        return all(now - r.last_progress < limit for r in list(self.running.values()))
+        return all(now - r.last_progress < limit for r in list(self.running.values()) if r.device is not None)
 
     def status_text(self) -> str:
         running = [f"{show(r.item.path.name)} ({r.item.rule}) step {r.step}/{r.total}" for r in list(self.running.values())]

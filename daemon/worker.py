@@ -334,6 +334,7 @@ class FolderWorker(threading.Thread):
         def on_event(kind, data):
             if kind == "started":
                 running.device = data.get("device")
+                running.last_progress = time.monotonic()  # the wait for a device was no stall
                 log.info("%s: started on %s", item.path, running.device)
                 ctx.changed()
 
