@@ -287,7 +287,7 @@ class _Run:
         """The level's loss: anything with ``loss_and_grad(x) -> (terms, grad)`` (TERMS order) fits here."""
         with torch.no_grad():
             content_targets = (
-                {n: f.detach() for n, f in self._features(self._seen(content_rgb), self.content_layers).items()}
+                {n: f.detach().float() for n, f in self._features(self._seen(content_rgb), self.content_layers).items()}
                 if self.content_layers else {}
             )
         style_targets = self._style_targets(content_rgb, side) if self.style_layers else {}

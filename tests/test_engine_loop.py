@@ -113,6 +113,29 @@ def test_adam_keeps_its_clamp_through_the_new_step():
     assert result.losses["total"] < stylize(fast(optimizer="adam", iterations=1)).losses["total"]
 
 
+def test_a_levels_history_is_as_long_as_its_steps_up_to_100(monkeypatch):
+    """A longer history would never fill: the same steps with less memory (a 500-step level gets 100)."""
+    from nst_core import lbfgs
+
+    sizes = []
+    real = lbfgs.make
+
+    def recording(x, *args, **kwargs):
+        opt = real(x, *args, **kwargs)
+        sizes.append((kwargs["history_size"], opt.history_size))
+        return opt
+
+    monkeypatch.setattr(lbfgs, "make", recording)
+    params = fast(iterations=7, levels=2, size=96)
+    stylize(params)
+    levels = engine._feasible_levels(params, nst_core.load_image(sample_path("chelsea")))
+    assert len(levels) == 2 and sizes == [(n, n) for _, n in levels]
+    sizes.clear()
+    with pytest.raises(Cancelled):  # the optimiser is made before the first cancel check
+        stylize(fast(iterations=500), cancel=lambda: bool(sizes))
+    assert sizes == [(100, 100)]
+
+
 # ---- progress and cancel --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["device", "torch"])
