@@ -33,6 +33,8 @@ from .yamlnodes import BAD, ConfigError, NodeReader, Problem, access_problem, de
 
 SETTINGS_DEFAULTS: dict[str, Any] = {
     "device": "auto",            # str or list: the job service's workers (one per device)
+    "cluster": None,             # None: the devices above; auto or HOST:PORT: a Ray cluster's GPUs (one worker each)
+    "cluster_resource": "GPU",   # what a cluster worker takes on a node: a GPU, or a custom Ray resource
     "journal": None,             # None: $STATE_DIRECTORY/journal.sqlite or ~/.local/state/nst-daemon/
     "socket": "default",         # null: no job service socket; "default": see default_socket()
     "socket_group": None,        # a group name: the socket is 0660 for that group (else 0600)
@@ -203,6 +205,12 @@ class _Loader(NodeReader):
             elif name == "reload_on_change":
                 v = self.scalar(e, key, bool)
                 values[name] = False if v is BAD else v
+            elif name in ("cluster", "cluster_resource"):
+                from nst_core.service.cluster import check_address, check_resource
+
+                v = self.scalar(e, key, str, check_address if name == "cluster" else check_resource,
+                                allow_none=name == "cluster")
+                values[name] = SETTINGS_DEFAULTS[name] if v is BAD else v
             elif name == "max_attempts":
                 v = self.scalar(e, key, int, lambda v: None if v >= 1 else f"must be at least 1, got {v}")
                 values[name] = SETTINGS_DEFAULTS[name] if v is BAD else v
@@ -443,7 +451,8 @@ class _Loader(NodeReader):
             hit = next((e for n, e in (pm_ or {}).items() if n.replace("-", "_") == field), None)
             return hit[1] if hit else (m["params"][1] if "params" in m else node)
 
-        if params.device != "auto" and "auto" not in settings.devices and params.device not in settings.devices:
+        if (params.device != "auto" and not settings.cluster and "auto" not in settings.devices
+                and params.device not in settings.devices):
             self.problem(param_node("device"), f"{key}.params.device", f"{params.device!r} is not one of the daemon's devices "
                                                         f"({', '.join(settings.devices)}; settings.device)")
             return False

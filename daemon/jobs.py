@@ -101,6 +101,7 @@ class Running:
     step: int = 0
     total: int = 0
     eta: float | None = None  # seconds left, as the engine estimated at last_progress
+    device: str | None = None  # the scheduler's worker running it (a cluster worker's name)
 
     def seconds_left(self, now: float) -> float | None:
         return None if self.eta is None else max(0.0, self.eta - (now - self.last_progress))

@@ -7,7 +7,8 @@
 
 One process: rules and watchers, the journal, one folder worker per device, and the local job
 service socket, all on one shared `Scheduler`, so GIMP's interactive jobs run before folder
-(batch) jobs on the same warm engine. Logs go to stdout with journald's <N> level prefixes.
+(batch) jobs on the same warm engine. With `settings.cluster` (or --cluster) the devices are the
+GPUs of a Ray cluster, and the daemon stays the one owner of the folders and the journal. Logs go to stdout with journald's <N> level prefixes.
 """
 
 from __future__ import annotations
@@ -51,8 +52,10 @@ class Daemon:
     """Everything the running daemon holds: rules and watchers, the journal, the engine and socket, and
     its folder workers, to which it hands only a `FolderContext`."""
 
-    def __init__(self, config: Config, *, instance: str = "main", devices=None, socket="config", env=None):
+    def __init__(self, config: Config, *, instance: str = "main", devices=None, socket="config", env=None,
+                 cluster: str | None = None):
         self.config = config
+        self.cluster = cluster or config.settings.cluster
         self.env = os.environ if env is None else env
         self.owner = instance
         self.devices = tuple(devices) if devices else config.settings.devices
@@ -126,7 +129,8 @@ class Daemon:
         self._lock_folders(self.config)
         self.recover()
         self.journal.forget_stale({(r.name, r.version) for r in self.config.rules})
-        self.scheduler = Scheduler(devices=self.devices)
+        self.scheduler = Scheduler(devices=self.devices, cluster=self.cluster, cluster_resource=s.cluster_resource)
+        self.scheduler.on_change = self.changed
         self.scheduler.start()
         if self.socket_path is not None:
             self.server = ServiceServer(str(self.socket_path), self.scheduler,
@@ -135,14 +139,20 @@ class Daemon:
             self.server.start()
         self._start_watching()
         self.context = self.folder_context()
-        self.workers = [FolderWorker(self.context, i) for i in range(max(1, len(self.scheduler.devices)))]
-        for w in self.workers:
-            w.start()
+        self.add_folder_workers()
         self.scan_all()
         self._last_scan = time.monotonic()
         log.info("ready: %d rule(s), devices %s, journal %s, socket %s", len(self.config.rules),
-                 ", ".join(self.scheduler.devices), jpath, self.socket_path or "off")
+                 f"of the Ray cluster at {self.cluster}" if self.cluster else ", ".join(self.scheduler.devices),
+                 jpath, self.socket_path or "off")
         self.notifier.ready(self.status_text())
+
+    def add_folder_workers(self) -> None:
+        """One folder worker per device; a cluster's grow as its GPUs join (one left idle costs nothing)."""
+        while len(self.workers) < max(1, len(self.scheduler.devices)) and not self.stopping.is_set():
+            w = FolderWorker(self.context, len(self.workers))
+            self.workers.append(w)
+            w.start()
 
     def _open_journal(self, jpath: Path) -> None:
         """The instance lock, then the journal; NSTError (exit 2, no restart) where the path cannot hold one."""
@@ -342,6 +352,8 @@ class Daemon:
                     self.notifier.watchdog()
             if (self._status_dirty or now - last_status >= 5) and now - last_status >= 1.0:
                 last_status = now
+                if self.cluster:
+                    self.add_folder_workers()
                 self._status_dirty = False
                 text = self.status_text()
                 if text != self._last_status:
@@ -349,10 +361,11 @@ class Daemon:
                     self.notifier.status(text)
 
     def healthy(self) -> bool:
-        """Idle, or every running job made progress within stall_timeout (feeds systemd's watchdog)."""
+        """Idle, or every running job made progress within stall_timeout (feeds systemd's watchdog); a
+        job still waiting for a device (a cluster with no worker) is not stalled."""
         now = time.monotonic()
         limit = self.config.settings.stall_timeout
-        return all(now - r.last_progress < limit for r in list(self.running.values()))
+        return all(now - r.last_progress < limit for r in list(self.running.values()) if r.device is not None)
 
     def status_text(self) -> str:
         running = [f"{show(r.item.path.name)} ({r.item.rule}) step {r.step}/{r.total}" for r in list(self.running.values())]
@@ -360,11 +373,23 @@ class Daemon:
         text = f"{len(self.queue)} queued, {len(self.settler)} settling; "
         text += ("running " + ", ".join(running)) if running else "idle"
         text += f"; {c.get('done', 0)} done, {c.get('failed', 0)} failed since start"
+        if self.cluster:
+            text += "; " + self.cluster_text()
         if blocked := self.blocks.items():
             text += "; waiting: " + "; ".join(f"{k}: {m}" for k, m in blocked)
         if self._reload_error:
             text = f"reload failed, old rules in use: {self._reload_error} | " + text
         return text
+
+    def cluster_text(self) -> str:
+        """The cluster's workers and what each does (a folder file, a socket job, or idle)."""
+        st = self.scheduler.status()
+        files = {r.device: show(r.item.path.name) for r in list(self.running.values()) if r.device}
+        workers = [f"{w['device']} " + (files.get(w["device"]) or ("running a job from " + (w["running"]["client"] or "?"))
+                                        if w["running"] else "idle") for w in st["workers"]]
+        if not workers:
+            return f"waiting for cluster workers (no node of {self.cluster} offers {self.scheduler.cluster_resource})"
+        return f"cluster: {', '.join(workers)}"
 
     def request_reload(self) -> None:
         self._reload_requested = True
@@ -392,7 +417,7 @@ class Daemon:
             return self._reload_failed(path, f"internal error: {type(e).__name__}: {e}")
         self._reload_error = None
         old = self.config
-        fixed = ("devices", "journal", "socket", "socket_group")
+        fixed = ("devices", "journal", "socket", "socket_group", "cluster", "cluster_resource")
         kept = {k: getattr(old.settings, k) for k in fixed}
         moved = [k for k in fixed if getattr(new.settings, k) != kept[k]]
         if moved:
@@ -509,6 +534,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", "-q", action="store_true",
                    help="with --check-config: print nothing when the file is valid (the unit's ExecReload= uses this)")
     p.add_argument("--device", help="override settings.device: auto, cpu, cuda:N (comma-separated for several)")
+    p.add_argument("--cluster", metavar="ADDRESS",
+                   help="override settings.cluster: run the jobs on the GPUs of the Ray cluster whose head is at "
+                        "ADDRESS (auto, or HOST:PORT); needs the [cluster] extra")
     p.add_argument("--instance", default="main",
                    help="this process's name in the journal (one per GPU with the template unit; default main)")
     p.add_argument("--socket", help="override settings.socket (a path, or 'none' for no job service socket)")
@@ -553,10 +581,17 @@ def main(argv=None) -> int:
         except NSTError as e:
             print(f"nst-daemon: --device: {e.message}", file=sys.stderr)
             return 2
+    if args.cluster:
+        from nst_core.service.cluster import check_address
+
+        why = check_address(args.cluster)
+        if why:
+            print(f"nst-daemon: --cluster: {why}", file=sys.stderr)
+            return 2
     socket = "config"
     if args.socket:
         socket = None if args.socket == "none" else Path(args.socket).absolute()
-    return Daemon(config, instance=args.instance, devices=devices, socket=socket).run()
+    return Daemon(config, instance=args.instance, devices=devices, socket=socket, cluster=args.cluster).run()
 
 
 if __name__ == "__main__":

@@ -22,6 +22,12 @@ from .worker import free_name
 
 
 
+def _devices(s) -> str:
+    if s.cluster:
+        return f"one per {s.cluster_resource} of the Ray cluster at {s.cluster}"
+    return ", ".join(s.devices)
+
+
 def describe(config: Config, env=None, running=()) -> str:
     """What each rule would do, for people (nst-daemon --check-config). `running`: the live
     daemons (folderlock.Holder) that watch the rules' folders now, whose journal and socket are
@@ -32,7 +38,7 @@ def describe(config: Config, env=None, running=()) -> str:
     by_hand = "" if s.journal is not None or env.get("STATE_DIRECTORY") else \
         " (as run now, by hand; under systemd: $STATE_DIRECTORY/journal.sqlite)"
     lines = [f"config {config.path}: {len(config.rules)} rule(s), valid",
-             f"  devices: {', '.join(s.devices)}; journal: {s.journal_path(env)}{by_hand}",
+             f"  devices: {_devices(s)}; journal: {s.journal_path(env)}{by_hand}",
              f"  job service socket: {sock if sock else 'off'}"
              + (f" (group {s.socket_group}, 0660)" if sock and s.socket_group else " (0600)" if sock else ""),
              f"  scan every {s.scan_interval:g}s; settle {s.settle:g}s; max attempts {s.max_attempts}; "

@@ -35,6 +35,8 @@ class Settings:
     stop_timeout: float
     stall_timeout: float
     incomplete_timeout: float
+    cluster: str | None = None  # a Ray cluster's address (auto, HOST:PORT): its GPUs are the workers
+    cluster_resource: str = "GPU"
 
     def journal_path(self, env=None) -> Path:
         """The journal file: as configured, else under systemd's StateDirectory, else XDG state."""

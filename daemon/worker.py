@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 from nst_core.errors import (Cancelled, DeviceError, ImageError, NSTError, OutOfMemory, QueueFull, ServiceStopping,
-                             WeightsError)
+                             WeightsError, WorkerLost)
 from nst_core.outputs import metadata, name_max, refuse_inputs
 
 from . import safefs
@@ -148,8 +148,9 @@ class FolderWorker(threading.Thread):
                 ctx.look_again(item.path, 0.0, None)  # rewritten since it settled: settle again
             return
         if job.attempts >= config.settings.max_attempts:
-            message = (f"gave up after {job.attempts} attempts: the daemon stopped while running this job each time "
-                       "(a crash, the watchdog or the out-of-memory killer)")
+            message = (f"gave up after {job.attempts} attempts: each ended without a result (the daemon, or the "
+                       "cluster worker running it, died: a crash, the watchdog, the out-of-memory killer or a lost "
+                       "node)")
             if journal.give_up(job.id, {"kind": "crashed", "message": message}):
                 ctx.stats.count("failed")
                 log.warning("%s: failed (rule %s): %s", item.path, rule.name, message)
@@ -163,6 +164,12 @@ class FolderWorker(threading.Thread):
         ctx.changed()
         try:
             self.run_rule_job(job, item, rule)
+        except WorkerLost as e:  # costs the attempt; the file is taken again at once, by another worker
+            journal.requeue(job.id, count_attempt=True)
+            ctx.stats.count("lost")
+            log.warning("%s: %s (attempt %d of %d); queued again", item.path, e.message, job.attempts,
+                        config.settings.max_attempts)
+            ctx.look_again(item.path, 0.5, None)  # (after this worker has let go of the job's id)
         except Requeue as r:
             journal.requeue(job.id, count_attempt=r.count_attempt)
             if r.wait is not None:
@@ -209,7 +216,9 @@ class FolderWorker(threading.Thread):
         with stats.timed("journal"):
             ctx.journal.done(job.id, target)
         stats.count("done")
-        log.info("%s → %s (rule %s, %.1f s)", item.path, target, rule.name, time.monotonic() - ctx.running[self.index].started)
+        running = ctx.running[self.index]
+        log.info("%s → %s (rule %s, %.1f s on %s)", item.path, target, rule.name, time.monotonic() - running.started,
+                 running.device)
         self.finish_input(ctx.journal.get(job.id), item, rule, ok=True)
 
     def load(self, job: Job, item: Item):
@@ -322,10 +331,17 @@ class FolderWorker(threading.Thread):
             running.eta = p.eta
             running.last_progress = time.monotonic()
 
+        def on_event(kind, data):
+            if kind == "started":
+                running.device = data.get("device")
+                running.last_progress = time.monotonic()  # the wait for a device was no stall
+                log.info("%s: started on %s", item.path, running.device)
+                ctx.changed()
+
         while True:
             try:
                 handle = ctx.scheduler.submit(picture, styles, rule.params, priority="batch", progress=progress,
-                                              client=f"nst-daemon:{rule.name}")
+                                              client=f"nst-daemon:{rule.name}", on_event=on_event)
                 break
             except QueueFull:
                 if ctx.stopping.wait(0.5):

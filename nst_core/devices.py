@@ -98,6 +98,13 @@ def describe(device: torch.device) -> str:
 _OOM_WORDS = ("out of memory", "can't allocate memory", "cannot allocate memory", "not enough memory")
 
 
+def stable_name(device: torch.device) -> str:
+    """The device as a name that stays the same: cuda → cuda:N (the current device)."""
+    if device.type == "cuda" and device.index is None:
+        return f"cuda:{torch.cuda.current_device()}"
+    return str(device)
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     """Whether `exc` is a failed allocation, on a GPU or in host memory."""
     if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):

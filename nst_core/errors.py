@@ -112,6 +112,19 @@ class ServiceSetupError(NSTError):
     kind = "service"
 
 
+class ClusterError(NSTError):
+    """The Ray cluster named by `cluster` cannot be used (not installed, unreachable, refused)."""
+
+    kind = "cluster"
+
+
+class WorkerLost(NSTError):
+    """The cluster worker running the job went away (its node died or left) before the result came
+    back; the job may run again elsewhere."""
+
+    kind = "worker_lost"
+
+
 class InternalError(NSTError):
     """A bug in the service or the engine, reported to the client instead of a dead service."""
 

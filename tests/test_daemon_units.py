@@ -144,7 +144,9 @@ def test_watchdog_is_fed_only_while_idle_or_progressing(tmp_path):
     d = Daemon(cfg, env={})
     assert d.healthy()  # idle
     now = time.monotonic()
-    d.running[0] = Running(Item(1, Path("x.png"), "r", "v", tmp_path), now - 60, now - 1)
+    d.running[0] = Running(Item(1, Path("x.png"), "r", "v", tmp_path), now - 60, now - 60)
+    assert d.healthy()  # still waiting for a device (a cluster with no worker yet): no stall
+    d.running[0].device, d.running[0].last_progress = "cpu", now - 1
     assert d.healthy()  # progress a second ago
     d.running[0].last_progress = now - 6
     assert not d.healthy()  # stalled longer than stall_timeout: systemd's watchdog will fire

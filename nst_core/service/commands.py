@@ -24,6 +24,11 @@ def add_parsers(subparsers) -> None:
                             "else /tmp/nst-$UID/nst.sock); its folder must be yours and closed to others")
     serve.add_argument("--device", default="auto",
                        help="device(s), comma-separated, one worker each: auto, cpu, cuda, cuda:N, mps (default: auto)")
+    serve.add_argument("--cluster", metavar="ADDRESS", default=None,
+                       help="run the jobs on the GPUs of the Ray cluster whose head is at ADDRESS (auto, or "
+                            "HOST:PORT), one worker per GPU, instead of on --device; needs the [cluster] extra")
+    serve.add_argument("--cluster-resource", metavar="NAME", default="GPU",
+                       help="what a cluster worker takes on a node: GPU (default), or a custom Ray resource")
     serve.add_argument("--idle-exit", type=float, default=0, metavar="SECONDS",
                        help="exit after this long with no job and no client (default 0: never)")
     serve.add_argument("--group", metavar="NAME", default=None,
@@ -63,7 +68,15 @@ def cmd_serve(args) -> int:
     devices = [d.strip() for d in args.device.split(",") if d.strip()] or ["auto"]
     if not args.request_timeout > 0:
         raise ParamError("request_timeout", f"must be above 0, got {args.request_timeout:g}")
-    scheduler = Scheduler(devices=devices, max_queue=args.max_queue)
+    if args.cluster:
+        from .cluster import check_address, check_resource
+
+        for name, why in (("cluster", check_address(args.cluster)),
+                          ("cluster_resource", check_resource(args.cluster_resource))):
+            if why:
+                raise ParamError(name, why)
+    scheduler = Scheduler(devices=devices, max_queue=args.max_queue, cluster=args.cluster,
+                          cluster_resource=args.cluster_resource)
     server = ServiceServer(path, scheduler, mode=0o660 if args.group else 0o600, group=args.group,
                            idle_exit=args.idle_exit, on_stop=args.on_stop, request_timeout=args.request_timeout)
 
@@ -110,6 +123,10 @@ def _tried(failed) -> list[str]:
 def format_status(st: dict) -> str:
     lines = [f"service   {st.get('socket')} (pid {st.get('pid')}, up {_duration(st.get('uptime', 0))}, "
              f"{st.get('server')}, protocol {st.get('protocol')})"]
+    cluster = st.get("cluster")
+    if cluster:
+        lines.append(f"cluster   {cluster['address']}: {cluster['workers']} worker(s) on {cluster['nodes']} node(s) "
+                     f"offering {cluster['resource']}" + ("" if cluster["workers"] else "; jobs wait for a worker"))
     for w in st.get("workers", []):
         job = w.get("running")
         doing = "idle" if not job else (

@@ -297,11 +297,12 @@ class Connection:
                 event = {"type": "progress", "job_id": holder["job"].id, **protocol.json_safe(p.to_mapping())}
             payload = b""
             if want_preview:
-                pic = p.image(req.preview["max_side"])
-                ch = channels or (4 if pic.alpha is not None else 3)
-                payload = picture_to_pixels(pic, ch, 8)
-                event["preview"] = {"width": pic.width, "height": pic.height, "channels": ch, "bit_depth": 8}
-                state["preview"] = now
+                pic = p.image(req.preview["max_side"])  # None for a job on a cluster worker
+                if pic is not None:
+                    ch = channels or (4 if pic.alpha is not None else 3)
+                    payload = picture_to_pixels(pic, ch, 8)
+                    event["preview"] = {"width": pic.width, "height": pic.height, "channels": ch, "bit_depth": 8}
+                    state["preview"] = now
             state["sent"] = now
             self.send(event, payload, coalesce=True)
         return on_progress

@@ -7,6 +7,9 @@ hands the same scheduler to a `ServiceServer` for GIMP's jobs ("interactive").
     job = scheduler.submit(picture_or_path, [style], StyleParams(...), priority="batch")
     result = job.result()          # engine Result, or raises the NSTError / Cancelled
     scheduler.stop(cancel_running=False)
+
+With `cluster="auto"` or `"HOST:PORT"` the workers are Ray actors, one per GPU of a Ray cluster,
+that come and go with the cluster's nodes (cluster.py); jobs wait while there are none.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from contextlib import suppress
 from typing import Callable
 
 from ..errors import (Cancelled, DeviceError, InternalError, NSTError, OutOfMemory, ParamError, QueueFull,
-                      ServiceStopping)
+                      ServiceStopping, WorkerLost)
 from ..params import StyleParams
 
 log = logging.getLogger("nst_core.service")
@@ -136,10 +139,14 @@ class JobHandle:
                 self.future.set_exception(error)
 
 
-class _Worker:
-    def __init__(self, device: str, session):
+class Worker:
+    """A device and its warm Session; or, for a cluster worker, `remote` (cluster.Remote) and a name."""
+
+    def __init__(self, device: str, session, remote=None):
         self.device = device
         self.session = session
+        self.remote = remote
+        self.gone = False  # a cluster worker that left: its thread ends
         self.job: JobHandle | None = None
         self.thread: threading.Thread | None = None
 
@@ -147,7 +154,8 @@ class _Worker:
 class Scheduler:
     """A bounded priority queue and one worker thread (with one warm engine Session) per device."""
 
-    def __init__(self, devices=("auto",), max_queue: int = 64, session_factory=None):
+    def __init__(self, devices=("auto",), max_queue: int = 64, session_factory=None, cluster: str | None = None,
+                 cluster_resource: str = "GPU"):
         if isinstance(devices, str):
             devices = [devices]
         self.requested_devices = list(devices) or ["auto"]
@@ -158,35 +166,47 @@ class Scheduler:
         self.work_limits: dict[str, int] = {}  # device → the most pixels a job may work at there
         self._cond = threading.Condition()
         self._queue: list[JobHandle] = []
-        self._workers: list[_Worker] = []
+        self._workers: list[Worker] = []
         self._seq = itertools.count(1)
         self._started = False
         self._stopping = False
         self._cpu_session = None
         self.counts = {"done": 0, "failed": 0, "cancelled": 0}
         self.last_activity = time.monotonic()
+        self.cluster_address = cluster
+        self.cluster_resource = cluster_resource
+        self.cluster = None  # cluster.Cluster once started
+        self.on_change: Callable[[], None] | None = None  # told when cluster workers join or leave
 
     @property
     def devices(self) -> list[str]:
         return [w.device for w in self._workers]
 
     def start(self) -> None:
-        """Resolve the devices (DeviceError if one is absent) and start one worker per device."""
+        """Resolve the devices (DeviceError if one is absent) and start one worker per device; with a
+        cluster, join it (ClusterError) and take its workers as they come."""
         with self._cond:
             if self._started:
                 return
-            from ..devices import pick_device
+            if self.cluster_address:
+                from .cluster import Cluster
+
+                self.cluster = Cluster(self, self.cluster_address, self.cluster_resource)
+                self.cluster.start()
+                self._started = True
+                return
+            from ..devices import pick_device, stable_name
 
             resolved = []
             for name in self.requested_devices:
-                dev = _device_name(pick_device(name))
+                dev = stable_name(pick_device(name))
                 if dev not in resolved:
                     resolved.append(dev)
             from .limits import max_work_pixels
 
             for dev in resolved:
                 self.work_limits[dev] = max_work_pixels(dev)
-                worker = _Worker(dev, self._session_factory(dev))
+                worker = Worker(dev, self._session_factory(dev))
                 worker.thread = threading.Thread(target=self._work, args=(worker,), name=f"nst-worker-{dev}",
                                                  daemon=True)
                 self._workers.append(worker)
@@ -210,7 +230,7 @@ class Scheduler:
         with self._cond:
             if self._stopping:
                 raise ServiceStopping("the service is shutting down; the job was not queued")
-            eligible = self._eligible(params.device)
+            eligible = self._fits(params.device)
             if len(self._queue) >= self.max_queue:
                 raise QueueFull(f"the service is busy: its queue is full ({self.max_queue} jobs waiting); "
                                 f"try again later")
@@ -237,9 +257,47 @@ class Scheduler:
         if cancel_running:
             for job in running:
                 job._cancel.set()
-        for w in self._workers:
+        for w in list(self._workers):
             if w.thread is not None and w.thread is not threading.current_thread():
                 w.thread.join(timeout)
+        if self.cluster is not None:
+            self.cluster.stop()
+
+    def add_worker(self, worker: Worker, work_limit: int) -> None:
+        """A cluster worker joins: its thread starts taking jobs."""
+        with self._cond:
+            if self._stopping:
+                return
+            self.work_limits[worker.device] = work_limit
+            worker.thread = threading.Thread(target=self._work, args=(worker,), name=f"nst-worker-{worker.device}",
+                                             daemon=True)
+            self._workers.append(worker)
+            self._cond.notify_all()
+        worker.thread.start()
+        self.changed()
+
+    def remove_worker(self, worker: Worker) -> None:
+        """A cluster worker left: it takes no more jobs (the one it runs ends with WorkerLost)."""
+        with self._cond:
+            worker.gone = True
+            if worker in self._workers:
+                self._workers.remove(worker)
+            self._cond.notify_all()
+        self.changed()
+
+    def add_remote(self, name: str, remote, work_limit: int) -> None:
+        """A cluster worker joins (cluster.Remote: its actor); its thread starts taking jobs."""
+        self.add_worker(Worker(name, None, remote=remote), work_limit)
+
+    def cluster_workers(self) -> list[Worker]:
+        """The cluster workers serving now."""
+        with self._cond:
+            return [w for w in self._workers if w.remote is not None]
+
+    def changed(self) -> None:
+        """Tell on_change (the daemon's STATUS) that the workers changed."""
+        if self.on_change is not None:
+            self.on_change()
 
     def cancel_running(self) -> None:
         """Cancel the jobs that are running now (queued ones stay)."""
@@ -257,19 +315,35 @@ class Scheduler:
             queue = sorted(self._queue, key=lambda j: (PRIORITIES[j.priority], j.seq))
             workers = [(w, w.job) for w in self._workers]
             counts = dict(self.counts)
-        return {
+        out = {
             "devices": [w.device for w, _ in workers],
             "workers": [{"device": w.device, "running": job.summary() if job else None,
-                         "cache": _stats(w.session)} for w, job in workers],
+                         **({"node": w.remote.stats()} if w.remote else {"cache": _stats(w.session)})}
+                        for w, job in workers],
             "queue": {"interactive": sum(1 for j in queue if j.priority == "interactive"),
                       "batch": sum(1 for j in queue if j.priority == "batch"),
                       "max": self.max_queue, "jobs": [j.summary() for j in queue]},
             "jobs": counts,
         }
+        if self.cluster is not None:
+            out["cluster"] = {"address": self.cluster_address, "resource": self.cluster_resource,
+                              "nodes": self.cluster.nodes, "workers": len(workers)}
+        return out
 
     # -- internals --
 
-    def _eligible(self, wanted: str) -> list[_Worker]:
+    def _fits(self, wanted: str) -> Callable[[Worker], bool]:
+        """Which workers may run a job for device `wanted` (DeviceError when no local worker can)."""
+        if self.cluster_address:  # workers come and go: "cuda" or "cuda:N" means a GPU worker anywhere
+            kind = wanted.partition(":")[0]
+            return lambda w: wanted == "auto" or w.remote.info["device"].partition(":")[0] == kind
+        match = self._eligible(wanted)
+        return lambda w: w in match
+
+    def _eligible(self, wanted: str) -> list[Worker]:
+        if self.cluster_address:
+            fits = self._fits(wanted)
+            return [w for w in self._workers if fits(w)]
         if wanted == "auto":
             return list(self._workers)
         match = [w for w in self._workers if w.device == wanted or (wanted == "cuda" and w.device.startswith("cuda:"))]
@@ -293,12 +367,14 @@ class Scheduler:
             self.counts[job.state] += 1
             self.last_activity = time.monotonic()
 
-    def _take(self, worker: _Worker) -> JobHandle | None:
+    def _take(self, worker: Worker) -> JobHandle | None:
         with self._cond:
             while True:
                 if self._stopping:
                     return None
-                mine = [j for j in self._queue if worker in j._eligible]
+                if worker.gone:
+                    return None
+                mine = [j for j in self._queue if j._eligible(worker)]
                 if mine:
                     job = min(mine, key=lambda j: (PRIORITIES[j.priority], j.seq))
                     self._queue.remove(job)
@@ -309,7 +385,7 @@ class Scheduler:
                     return job
                 self._cond.wait()
 
-    def _work(self, worker: _Worker) -> None:
+    def _work(self, worker: Worker) -> None:
         while True:
             job = self._take(worker)
             if job is None:
@@ -322,13 +398,15 @@ class Scheduler:
             took = (job.finished or time.monotonic()) - job.started
             log.info("job %s %s in %.2f s on %s", job.id, job.state, took, worker.device)
 
-    def _run(self, worker: _Worker, job: JobHandle) -> None:
+    def _run(self, worker: Worker, job: JobHandle) -> None:
         from .. import devices
         from ..engine import stylize
         from ..images import Picture, load_image
         from .limits import check_work
 
         job._event("started", {"device": worker.device})
+        if worker.remote is not None:
+            return self._run_remote(worker, job)
         params = job.params if job.params.device == worker.device else job.params.replace(device=worker.device)
         try:
             if job._cancel.is_set():
@@ -365,6 +443,26 @@ class Scheduler:
             log.exception("job %s failed", job.id)  # a bug: report it and keep serving
             job._finish(error=InternalError(f"internal error in the service: {type(e).__name__}: {e}"))
 
+    def _run_remote(self, worker: Worker, job: JobHandle) -> None:
+        from .cluster import run_remote
+
+        try:
+            if job._cancel.is_set():
+                raise Cancelled("cancelled")
+            job._finish(result=run_remote(self, worker, job))
+        except WorkerLost as e:
+            self.remove_worker(worker)  # its actor is dead or unreachable; the cluster makes a new one
+            job._finish(error=e)
+        except Cancelled as e:
+            if job._stopped_by_service or (self._stopping and not job._cancel_requested):
+                e = ServiceStopping("the service is shutting down; the job was stopped")
+            job._finish(error=e)
+        except NSTError as e:
+            job._finish(error=e)
+        except Exception as e:
+            log.exception("job %s failed", job.id)
+            job._finish(error=InternalError(f"internal error in the service: {type(e).__name__}: {e}"))
+
     def _cpu(self):
         with self._cond:
             for w in self._workers:
@@ -379,15 +477,6 @@ def _new_session(device: str):
     from ..engine import Session
 
     return Session()
-
-
-def _device_name(dev) -> str:
-    """A torch.device as a stable name: cuda → cuda:N (the current device)."""
-    if dev.type == "cuda" and dev.index is None:
-        import torch
-
-        return f"cuda:{torch.cuda.current_device()}"
-    return str(dev)
 
 
 def _stats(session) -> dict:

@@ -138,7 +138,8 @@ class ServiceServer:
         self._listener, self._lock_fd, self._identity = _bind(self.socket_path, self.mode, self.group)
         try:
             self.scheduler.start()
-            self.limits = limits.announced(self.budget.total, max(self.scheduler.work_limits.values()),
+            self.limits = limits.announced(self.budget.total,  # a cluster may have no worker yet
+                                           max(self.scheduler.work_limits.values(), default=limits.max_pixels()),
                                            self.request_timeout)
         except BaseException:
             self._listener.close()
@@ -281,7 +282,7 @@ class ServiceServer:
             eligible = self.scheduler._eligible(device)
         except DeviceError:
             return None
-        return max((self.scheduler.work_limits[w.device], w.device) for w in eligible)
+        return max(((self.scheduler.work_limits[w.device], w.device) for w in eligible), default=None)
 
 
 def _refuse(sock: socket.socket, message: str) -> None:
