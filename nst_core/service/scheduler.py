@@ -428,20 +428,12 @@ class Scheduler:
                 result = stylize(content, styles, params.replace(device="cpu"), progress=job._on_progress,
                                  cancel=job._cancel, session=self._cpu())
             job._finish(result=result)
-        except Cancelled as e:
-            if job._stopped_by_service or (self._stopping and not job._cancel_requested):
-                e = ServiceStopping("the service is shutting down; the job was stopped")
-            job._finish(error=e)
-        except NSTError as e:
-            job._finish(error=e)
         except Exception as e:
-            if devices.is_out_of_memory(e):  # host memory, outside the engine's own check
+            if not isinstance(e, NSTError) and devices.is_out_of_memory(e):  # host memory, outside the engine's check
                 _free_memory(worker.device)
-                job._finish(error=OutOfMemory(f"out of memory on {worker.device} at size {params.size}: "
-                                              f"use a smaller size ({type(e).__name__}: {e})"))
-                return
-            log.exception("job %s failed", job.id)  # a bug: report it and keep serving
-            job._finish(error=InternalError(f"internal error in the service: {type(e).__name__}: {e}"))
+                e = OutOfMemory(f"out of memory on {worker.device} at size {params.size}: "
+                                f"use a smaller size ({type(e).__name__}: {e})")
+            self._fail(job, e)
 
     def _run_remote(self, worker: Worker, job: JobHandle) -> None:
         from .cluster import run_remote
@@ -450,18 +442,20 @@ class Scheduler:
             if job._cancel.is_set():
                 raise Cancelled("cancelled")
             job._finish(result=run_remote(self, worker, job))
-        except WorkerLost as e:
-            self.remove_worker(worker)  # its actor is dead or unreachable; the cluster makes a new one
-            job._finish(error=e)
-        except Cancelled as e:
-            if job._stopped_by_service or (self._stopping and not job._cancel_requested):
-                e = ServiceStopping("the service is shutting down; the job was stopped")
-            job._finish(error=e)
-        except NSTError as e:
-            job._finish(error=e)
         except Exception as e:
+            if isinstance(e, WorkerLost):
+                self.remove_worker(worker)  # its actor is dead or unreachable; the cluster makes a new one
+            self._fail(job, e)
+
+    def _fail(self, job: JobHandle, e: Exception) -> None:
+        """End `job` with `e` (called from the except block): a stop by the service, an error for the
+        user, or a bug, which is logged with its traceback while the service keeps serving."""
+        if isinstance(e, Cancelled) and (job._stopped_by_service or (self._stopping and not job._cancel_requested)):
+            e = ServiceStopping("the service is shutting down; the job was stopped")
+        if not isinstance(e, NSTError):
             log.exception("job %s failed", job.id)
-            job._finish(error=InternalError(f"internal error in the service: {type(e).__name__}: {e}"))
+            e = InternalError(f"internal error in the service: {type(e).__name__}: {e}")
+        job._finish(error=e)
 
     def _cpu(self):
         with self._cond:
