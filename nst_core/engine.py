@@ -349,13 +349,17 @@ class _Run:
         if self.progress is not None and k > 1:
             li, iters, side, level_start, first_step = self._level_at
             done = self.step - first_step + (k - 1) / n  # of this level's steps, the one in hand in part
-            rate = (time.perf_counter() - level_start) / done
-            self.progress(Progress(
-                step=self.step, total=self.total, level=li + 1, levels=len(self.levels),
-                losses=dict(self.last_losses), elapsed=time.perf_counter() - self.started,
-                eta=self._eta(li, iters - done, rate, side), tile=k - 1, tiles=n,
-                _render=lambda max_side: self.render(x.detach(), max_side),
-            ))
+            self._report(self.step, done, li, iters, side, level_start, k - 1, n, x)
+
+    def _report(self, step, done, li, iters, side, level_start, tile, tiles, x) -> None:
+        """Call the progress callback: `done` of this level's `iters` steps took the time since `level_start`."""
+        rate = (time.perf_counter() - level_start) / done
+        self.progress(Progress(
+            step=step, total=self.total, level=li + 1, levels=len(self.levels),
+            losses=dict(self.last_losses), elapsed=time.perf_counter() - self.started,
+            eta=self._eta(li, iters - done, rate, side), tile=tile, tiles=tiles,
+            _render=lambda max_side: self.render(x.detach(), max_side),
+        ))
 
     def _steps(self, step, x, iters, li, side) -> None:
         """The level's steps, with progress as the losses arrive (a step late on a GPU)."""
@@ -366,16 +370,8 @@ class _Run:
         def report(number: int, values: list[float]) -> None:
             self.step = number
             self.last_losses = dict(zip(TERMS, values))
-            if self.progress is None:
-                return
-            done = number - first + 1
-            rate = (time.perf_counter() - level_start) / done
-            self.progress(Progress(
-                step=number, total=self.total, level=li + 1, levels=len(self.levels),
-                losses=dict(self.last_losses), elapsed=time.perf_counter() - self.started,
-                eta=self._eta(li, iters - done, rate, side), tile=tiles, tiles=tiles,
-                _render=lambda max_side: self.render(x.detach(), max_side),
-            ))
+            if self.progress is not None:
+                self._report(number, number - first + 1, li, iters, side, level_start, tiles, tiles, x)
 
         # depth 1: the host queues the next step while the device runs this one, so the device never
         # waits, losses come one step late, and a cancel set in a callback lets at most one more step run.
