@@ -25,6 +25,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 import weakref
@@ -286,7 +287,9 @@ class Cluster:
 
     def stop(self) -> None:
         self._stop.set()
-        ray = _import_ray()
+        ray = sys.modules.get("ray")
+        if ray is None:  # never joined (an unreachable head is refused before Ray is imported)
+            return
         for w in self.scheduler.cluster_workers():
             self._kill(w.remote.actor)
         for actor, *_ in self._pending:
