@@ -490,9 +490,11 @@ class Daemon:
 
     def run(self) -> int:
         """start, serve until SIGTERM/SIGINT (SIGHUP reloads), shut down; the exit status."""
-        signal.signal(signal.SIGTERM, lambda *_: self.request_stop())
-        signal.signal(signal.SIGINT, lambda *_: self.request_stop())
-        signal.signal(signal.SIGHUP, lambda *_: self.request_reload())
+        # Plain stores only: the handler runs in the main thread, which may hold the lock of `_wake`
+        # (inside its wait), so `_wake.set()` here could deadlock; serve() looks every 0.25 s.
+        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "_stop_requested", True))
+        signal.signal(signal.SIGINT, lambda *_: setattr(self, "_stop_requested", True))
+        signal.signal(signal.SIGHUP, lambda *_: setattr(self, "_reload_requested", True))
         try:
             self.start()
         except NSTError as e:

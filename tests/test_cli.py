@@ -403,7 +403,10 @@ def test_interrupted_run_writes_nothing(env, content, style, out_dir):
     target = out_dir / "o.png"
     args = [sys.executable, "-m", "nst_core", "stylize", str(content), str(style), "-o", str(target),
             "--size", "48", "--iterations", "100000", "--weights", "random", "--device", "cpu", "--json"]
-    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C as a terminal delivers it: a test run started in the background (`cmd &` in a script)
+    # would otherwise pass on SIGINT ignored, and the command would rightly keep running.
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         first = json.loads(proc.stdout.readline())  # the run is under way
         assert first["event"] == "progress"

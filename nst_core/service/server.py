@@ -127,6 +127,7 @@ class ServiceServer:
         self._connections: set[Connection] = set()
         self._conn_lock = threading.Lock()
         self._stop_requested = threading.Event()
+        self._stop_asked = False  # request_stop()'s flag (see there)
         self._stopped = False
         self._accept_thread = None
         self._started_at = time.monotonic()
@@ -157,19 +158,20 @@ class ServiceServer:
     def request_stop(self) -> None:
         """Ask serve_forever() to stop; a second request while stopping cancels the running job.
 
-        Safe to call from a signal handler.
+        Safe to call from a signal handler: it sets a plain flag that serve_forever() polls, since
+        an Event's set() could wait for the lock the interrupted main thread holds in its wait().
         """
         if self._stopped and self.owns_scheduler:
             log.info("asked again to stop: cancelling the running job")
             self.scheduler.cancel_running()
-        self._stop_requested.set()
+        self._stop_asked = True
 
     def serve_forever(self) -> None:
         if self._listener is None:
             self.start()
         try:
-            while not self._stop_requested.wait(0.5):
-                pass
+            while not self._stop_asked:
+                time.sleep(0.25)
         finally:
             self.stop()
 
