@@ -707,6 +707,9 @@ HELPER = r'''
 """Runs inside the chroot: synthetic X11 input for GIMP (libX11 via ctypes) and job watching."""
 import ctypes, json, os, signal, subprocess, sys, time
 
+_X_ERROR_HANDLER = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+_ignore_x_error = _X_ERROR_HANDLER(lambda display, event: 0)
+
 def x11():
     X = ctypes.CDLL("libX11.so.6")
     X.XOpenDisplay.restype = ctypes.c_void_p
@@ -721,6 +724,10 @@ def x11():
     X.XWarpPointer.argtypes = [ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_int, ctypes.c_int,
                                ctypes.c_uint, ctypes.c_uint, ctypes.c_int, ctypes.c_int]
     X.XFlush.argtypes = [ctypes.c_void_p]
+    # Xlib's default handler exits on any error: a window that closes while we list the windows (the
+    # previous dialog) would end this helper with BadWindow, and nobody would press the key.
+    X.XSetErrorHandler.argtypes = [_X_ERROR_HANDLER]
+    X.XSetErrorHandler(_ignore_x_error)
     d = X.XOpenDisplay(None)
     assert d, "cannot open the X display"
     return X, d, X.XDefaultRootWindow(d)
@@ -749,7 +756,8 @@ def windows():
     found = []
     for i in range(n.value):
         a, name = Attrs(), ctypes.c_char_p()
-        X.XGetWindowAttributes(d, children[i], ctypes.byref(a))
+        if not X.XGetWindowAttributes(d, children[i], ctypes.byref(a)):
+            continue  # gone since XQueryTree
         title = name.value.decode("latin-1") if X.XFetchName(d, children[i], ctypes.byref(name)) and name.value else None
         if a.map_state == 2:
             found.append({"id": children[i], "title": title, "x": a.x, "y": a.y, "width": a.width, "height": a.height})
